@@ -1,17 +1,51 @@
-"""Tools the model calls while reasoning, and the machinery that runs them."""
+"""Tools the model calls while reasoning, and the machinery that runs them.
 
-from .base import Tool, ToolCall, ToolResult, tool_name, tools_by_name
+- `PythonInterpreter` (tag ``python``): model-written code in a bubblewrap sandbox.
+- `LocalSearch` (tag ``search``): offline BM25 over a local corpus; `build_wiki_corpus` makes a demo corpus.
+- `WebSearch` (tag ``search``): an HTTP search API with an on-disk cache.
+- `ToolExecutor`: runs one round of calls concurrently, each under its own timeout.
+- `parse_tag_call` / `format_result` / `stop_strings`: the paper's inline tag format.
+
+See docs/tools.md.
+"""
+
+from .base import (
+    StringTool,
+    Tool,
+    ToolCall,
+    ToolOutput,
+    ToolResult,
+    TransientToolError,
+    tool_name,
+    tools_by_name,
+)
+from .corpus import build_wiki_corpus, wiki_corpus_available
 from .executor import ToolExecutor
+from .python_tool import PythonInterpreter, python_interpreter_available
+from .sandbox import SandboxUnavailableError
+from .search import LocalSearch, format_pages
 from .tags import format_result, parse_tag_call, stop_strings
+from .web_search import WebSearch
 
 __all__ = [
+    "LocalSearch",
+    "PythonInterpreter",
+    "SandboxUnavailableError",
+    "StringTool",
     "Tool",
     "ToolCall",
     "ToolExecutor",
+    "ToolOutput",
     "ToolResult",
+    "TransientToolError",
+    "WebSearch",
+    "build_wiki_corpus",
+    "format_pages",
     "format_result",
     "parse_tag_call",
+    "python_interpreter_available",
     "stop_strings",
     "tool_name",
     "tools_by_name",
+    "wiki_corpus_available",
 ]

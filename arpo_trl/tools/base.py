@@ -6,10 +6,16 @@ A tool is a plain Python callable with a name and a docstring:
 - in ``tool_format="chat_template"`` it is called with the keyword arguments of a JSON tool call, as TRL does.
 
 Its name is ``tool.name`` when set (tool objects such as ``PythonInterpreter``), else ``tool.__name__``.
+
+Tool objects derive from `StringTool`: a callable object with one ``str`` argument that also looks like a plain
+function to TRL and to ``transformers.utils.get_json_schema`` (``__name__``, a Google-style ``__doc__`` with an
+``Args:`` section, annotated ``__call__``). A tool may return a `ToolOutput` (a ``str``) to tell the executor that
+the call failed or timed out, and may raise `TransientToolError` to ask the executor for a retry.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,8 +57,91 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class ToolResult:
-    """What the model sees (`text`) and what the metrics count."""
+    """What the model sees (`text`) and what the metrics count.
+
+    `error` is set for every call that did not succeed from the model's point of view (malformed or unknown
+    call, a tool exception, a program that failed in the sandbox, a timeout); `timed_out` additionally for
+    time-limit failures. `duration_s` is the wall time the call took, `cached` says it came from the cache.
+    """
 
     text: str
     error: bool = False
     timed_out: bool = False
+    duration_s: float = 0.0
+    cached: bool = False
+
+
+class ToolOutput(str):
+    """A tool's answer (a plain ``str`` to everyone else) carrying the flags the executor turns into metrics."""
+
+    error: bool
+    timed_out: bool
+
+    def __new__(cls, text: str, *, error: bool = False, timed_out: bool = False) -> ToolOutput:
+        obj = super().__new__(cls, text)
+        obj.error = bool(error or timed_out)
+        obj.timed_out = bool(timed_out)
+        return obj
+
+    def __reduce__(self):  # keep the flags through pickling (e.g. a multiprocessing tool cache)
+        return (_make_output, (str(self), self.error, self.timed_out))
+
+
+def _make_output(text: str, error: bool, timed_out: bool) -> ToolOutput:
+    return ToolOutput(text, error=error, timed_out=timed_out)
+
+
+class TransientToolError(RuntimeError):
+    """Raised by a tool for a failure worth retrying (a network hiccup, an overloaded service)."""
+
+
+class StringTool:
+    """Base class of the tool objects: one string argument, a name, a docstring TRL can turn into a schema.
+
+    Subclasses set `name` and `argument` (the argument's name in chat mode, e.g. ``"code"``), pass a
+    description and the argument's description to ``__init__``, and implement `run`.
+    """
+
+    name: str = ""
+    argument: str = "input"
+    #: whether the executor's result cache may serve this tool's answers (deterministic, side-effect free).
+    cacheable: bool = True
+
+    def __init__(self, *, name: str | None = None, description: str, argument_description: str) -> None:
+        if name is not None:
+            self.name = name
+        if not self.name or not self.name.replace("_", "").isalnum():
+            raise ValueError(f"tool name must be a non-empty identifier, got {self.name!r}")
+        # What get_json_schema / TRL read from a callable: __name__, __doc__ (Google style), the signature and
+        # the annotations. They are set per instance so that each instance describes itself.
+        self.__name__ = self.name
+        self.__qualname__ = self.name
+        self.__doc__ = f"{description.strip()}\n\nArgs:\n    {self.argument}: {argument_description.strip()}\n"
+        self.__annotations__ = {self.argument: str, "return": str}
+        self.__signature__ = inspect.Signature(
+            [inspect.Parameter(self.argument, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str)],
+            return_annotation=str,
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> str:
+        """Call with the single string argument, positionally (tag mode) or by keyword (chat mode)."""
+        if len(args) + len(kwargs) != 1 or (kwargs and self.argument not in kwargs):
+            got = [*(type(a).__name__ for a in args), *kwargs]
+            return ToolOutput(
+                f"Error: {self.name} takes exactly one argument, {self.argument!r} (a string); got {got}.",
+                error=True,
+            )
+        value = args[0] if args else kwargs[self.argument]
+        if not isinstance(value, str):
+            return ToolOutput(
+                f"Error: {self.name}'s argument {self.argument!r} must be a string, got {type(value).__name__}.",
+                error=True,
+            )
+        return self.run(value)
+
+    def run(self, value: str) -> str:
+        """Do the work for one call. Implemented by subclasses."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
