@@ -1,0 +1,221 @@
+"""`ARPOConfig`: TRL's `GRPOConfig` plus the knobs of ARPO's tree rollout and advantage attribution.
+
+Paper symbols (Dong et al., arXiv 2507.19849, §3.1 and Algorithm 1):
+
+=====  ==============================  ===========================
+M      global rollout budget per prompt  `num_generations` (TRL's)
+N      initial trajectory-level samples   `initial_rollouts`
+Z      copies forked per branching decision  `branch_factor`
+k      tokens whose entropy is measured    `entropy_window`
+α      base branching probability          `branch_base_probability`
+β      entropy weight                      `branch_entropy_weight`
+τ      threshold of the paper's rule       `branch_threshold`
+=====  ==============================  ===========================
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+logger = logging.getLogger(__name__)
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "entropy_timing": ("after_tool", "lagged"),
+    "entropy_normalization": ("sum_lnV", "mean", "sum_V"),
+    "branch_rule": ("bernoulli", "threshold"),
+    "advantage_attribution": ("soft", "hard"),
+    "rollout_fill": ("fresh", "duplicate"),
+    "tool_format": ("tags", "chat_template"),
+    "call_limit_action": ("eos", "message"),
+}
+
+
+@dataclass
+class ARPOConfig(GRPOConfig):
+    r"""Configuration of [`ARPOTrainer`]: everything [`trl.GRPOConfig`] takes, plus ARPO's rollout knobs.
+
+    `num_generations` is ARPO's global budget **M**: every prompt ends with exactly M completions (N initial
+    rollouts, branches forked after tool results, fresh rollouts filling what branching left unused), so TRL's
+    group normalisation applies unchanged. `max_tool_calling_iterations` (TRL's) is the per-trajectory tool-call
+    limit and `max_completion_length` (TRL's) bounds each completion, tool-result tokens included.
+
+    Branching (paper Eq. 4–5): after tool result t, the entropy H_t of the first k sampled tokens is compared with
+    the trajectory's initial entropy H_initial (its first k tokens, measured afresh every batch); with
+    ΔH = H_t − H_initial normalised per `entropy_normalization`, Z copies fork with probability
+    P_t = clip(α + β·ΔH, 0, 1) (`branch_rule="bernoulli"`, as the official code), or when α + β·ΔH > τ
+    (`branch_rule="threshold"`, the paper's text). α = 0 and β = 0 never branch; α = 1 and β = 0 always branch.
+    """
+
+    initial_rollouts: int | None = field(
+        default=None,
+        metadata={"help": "N: trajectory-level rollouts started per prompt (1 ≤ N ≤ M). Default: num_generations // 2."},
+    )
+    branch_factor: int = field(
+        default=1,
+        metadata={"help": "Z: copies forked per branching decision (the official beam_size − 1)."},
+    )
+    entropy_window: int = field(
+        default=20,
+        metadata={"help": "k: number of sampled tokens whose entropy forms H_initial and H_t."},
+    )
+    branch_base_probability: float = field(
+        default=0.5,
+        metadata={"help": "α: base branching probability, in [0, 1]."},
+    )
+    branch_entropy_weight: float = field(
+        default=0.2,
+        metadata={"help": "β: weight of the entropy change ΔH in the branching probability."},
+    )
+    branch_rule: str = field(
+        default="bernoulli",
+        metadata={
+            "help": "'bernoulli': fork with probability clip(α + β·ΔH, 0, 1) (official code); "
+            "'threshold': fork when α + β·ΔH > τ (paper text).",
+            "choices": list(_CHOICES["branch_rule"]),
+        },
+    )
+    branch_threshold: float = field(
+        default=0.5,
+        metadata={"help": "τ: threshold of branch_rule='threshold'."},
+    )
+    entropy_timing: str = field(
+        default="after_tool",
+        metadata={
+            "help": "'after_tool': decide on the k tokens generated after tool result t (paper); "
+            "'lagged': decide on the segment generated before it (official code, ARPO_SPEC D1).",
+            "choices": list(_CHOICES["entropy_timing"]),
+        },
+    )
+    entropy_normalization: str = field(
+        default="sum_lnV",
+        metadata={
+            "help": "How a window's token entropies become H: 'sum_lnV' = sum over the window / ln V (official "
+            "code; β=0.2 was tuned on this scale), 'mean' = mean in nats, 'sum_V' = sum / V (paper's literal "
+            "formula; makes ΔH tiny).",
+            "choices": list(_CHOICES["entropy_normalization"]),
+        },
+    )
+    advantage_attribution: str = field(
+        default="soft",
+        metadata={
+            "help": "'soft': GRPO advantages over the M rows (shared prefixes appear in each row); 'hard': a token "
+            "whose whole prefix is shared by d rows of its group gets the mean of their d advantages.",
+            "choices": list(_CHOICES["advantage_attribution"]),
+        },
+    )
+    rollout_fill: str = field(
+        default="fresh",
+        metadata={
+            "help": "Budget left unused by branching: 'fresh' = top up with trajectory-level rollouts from the "
+            "prompt (paper); 'duplicate' = repeat the group's last trajectory (official padding, reproduction only).",
+            "choices": list(_CHOICES["rollout_fill"]),
+        },
+    )
+    tool_format: str = field(
+        default="tags",
+        metadata={
+            "help": "'tags': inline <tool>…</tool> calls answered by <result>…</result> in one assistant turn "
+            "(paper); 'chat_template': TRL-native tool calls through the tokenizer's chat template.",
+            "choices": list(_CHOICES["tool_format"]),
+        },
+    )
+    call_limit_action: str = field(
+        default="eos",
+        metadata={
+            "help": "A tool call past max_tool_calling_iterations: 'eos' ends the trajectory (official code); "
+            "'message' answers with a limit notice and lets the model continue.",
+            "choices": list(_CHOICES["call_limit_action"]),
+        },
+    )
+    tool_timeout: float = field(
+        default=60.0,
+        metadata={"help": "Seconds one tool call may take before the model gets a timeout error."},
+    )
+    tool_max_workers: int = field(
+        default=16,
+        metadata={"help": "Tool calls of one generation round run concurrently on this many workers."},
+    )
+    max_tool_response_chars: int = field(
+        default=4000,
+        metadata={"help": "Tool outputs longer than this are cut (with a note) before the model sees them."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._validate_arpo()
+
+    def _validate_arpo(self) -> None:
+        """Checks ARPO's own fields; runs after GRPOConfig has derived the batch geometry."""
+        m = self.num_generations
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+        if self.initial_rollouts is None:
+            self.initial_rollouts = max(1, m // 2)
+        if self.initial_rollouts < 1:
+            raise ValueError(f"initial_rollouts (N) must be at least 1, got {self.initial_rollouts}")
+        if self.initial_rollouts > m:
+            raise ValueError(
+                f"initial_rollouts (N={self.initial_rollouts}) cannot exceed num_generations (M={m}), "
+                "the global budget per prompt"
+            )
+        if self.branch_factor < 1:
+            raise ValueError(f"branch_factor (Z) must be at least 1, got {self.branch_factor}")
+        if self.entropy_window < 1:
+            raise ValueError(f"entropy_window (k) must be at least 1, got {self.entropy_window}")
+        if not 0.0 <= self.branch_base_probability <= 1.0:
+            raise ValueError(f"branch_base_probability (α) must lie in [0, 1], got {self.branch_base_probability}")
+        if not 0.0 <= self.branch_threshold <= 1.0:
+            raise ValueError(f"branch_threshold (τ) must lie in [0, 1], got {self.branch_threshold}")
+        if self.branch_entropy_weight != self.branch_entropy_weight:  # NaN
+            raise ValueError("branch_entropy_weight (β) must be a number, got NaN")
+        if self.tool_timeout <= 0:
+            raise ValueError(f"tool_timeout must be > 0 seconds, got {self.tool_timeout}")
+        if self.tool_max_workers < 1:
+            raise ValueError(f"tool_max_workers must be at least 1, got {self.tool_max_workers}")
+        if self.max_tool_response_chars < 1:
+            raise ValueError(f"max_tool_response_chars must be at least 1, got {self.max_tool_response_chars}")
+        if self.max_tool_calling_iterations is not None and self.max_tool_calling_iterations < 0:
+            raise ValueError(f"max_tool_calling_iterations must be >= 0, got {self.max_tool_calling_iterations}")
+        # A prompt's M slots are filled by forking live trajectories, so the whole group must live on one process.
+        local_rows = self.per_device_train_batch_size * self.steps_per_generation
+        if local_rows % m:
+            raise ValueError(
+                f"per_device_train_batch_size × steps_per_generation = {local_rows} rows per process is not a "
+                f"multiple of num_generations (M={m}): a prompt's group would straddle processes, and ARPO forks "
+                "branches inside a group. Make per_device_train_batch_size × steps_per_generation a multiple of M."
+            )
+        if self.use_vllm:
+            raise ValueError(
+                "use_vllm=True is not supported yet by ARPOTrainer: its tree rollout runs on the transformers "
+                "`generate` backend (set use_vllm=False)"
+            )
+        if self.use_transformers_continuous_batching:
+            raise ValueError(
+                "use_transformers_continuous_batching=True is not supported by ARPOTrainer: it returns no "
+                "per-token entropies, which branching needs"
+            )
+
+    @classmethod
+    def from_grpo_config(cls, args: GRPOConfig) -> ARPOConfig:
+        """Upgrade a finished `GRPOConfig` to an `ARPOConfig` with ARPO's defaults (the drop-in path).
+
+        GRPOConfig's `__post_init__` already ran (it derives fields and refuses to run twice on its own output), so
+        the instance is copied and only ARPO's fields are added and validated.
+        """
+        upgraded = copy.copy(args)
+        upgraded.__class__ = cls
+        grpo_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+        for f in dataclasses.fields(cls):
+            if f.name not in grpo_fields:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                setattr(upgraded, f.name, default)
+        upgraded._validate_arpo()
+        logger.info("GRPOConfig upgraded to ARPOConfig with ARPO's default rollout settings")
+        return upgraded

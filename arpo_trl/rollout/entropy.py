@@ -1,0 +1,73 @@
+"""Token entropy during sampling, and the window statistics ARPO branches on.
+
+Paper Eq. 3: with logits z_t and p_t = softmax(z_t / T), the entropy of the next-token distribution is
+
+    H_t = − Σ_{j=1..V} p_{t,j} · log p_{t,j}
+
+ARPO compares the entropies of k tokens: H_initial (the first k tokens a trajectory samples) and H_t (the first k
+tokens sampled after tool result t). A window of token entropies becomes one number per `normalization`:
+
+- ``"sum_lnV"``: Σ_{i≤k} H_i / ln V — the official code's scale (it divides by ln V); β = 0.2 was tuned on it.
+- ``"mean"``: the mean of the window in nats (insensitive to a short window).
+- ``"sum_V"``: Σ_{i≤k} H_i / V — the paper's literal formula; it makes ΔH vanishingly small.
+
+ΔH_t = H(window_t) − H(window_initial) (Eq. 4). The entropies here are exact over the whole vocabulary (not the
+official top-10 truncation, ARPO_SPEC D3), computed at the temperature used for sampling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """H = −Σ p log p of softmax(logits / temperature) over the last dimension, in nats (float32)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def window_entropy(entropies: Sequence[float], k: int, normalization: str, vocab_size: int) -> float:
+    """One number for the first `k` token entropies of a segment (fewer when the segment is shorter)."""
+    window = list(entropies[:k])
+    if not window:
+        raise ValueError("cannot measure the entropy of an empty window")
+    total = float(sum(window))
+    if normalization == "sum_lnV":
+        return total / math.log(vocab_size)
+    if normalization == "mean":
+        return total / len(window)
+    if normalization == "sum_V":
+        return total / vocab_size
+    raise ValueError(f"unknown entropy normalization {normalization!r}")
+
+
+class EntropyRecorder:
+    """Forward hook on the LM head that records the entropy of every sampled position while armed.
+
+    `generate` calls the LM head once per decoding step; the hook reads the last position's logits and appends
+    a (rows,) tensor. No extra forward pass is made. Disarmed (the default), it does nothing, so training
+    forwards are unaffected.
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self._steps: list[torch.Tensor] | None = None
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self._steps is None:
+            return
+        logits = output[0] if isinstance(output, tuple) else output
+        self._steps.append(token_entropy(logits[:, -1, :].detach(), self.temperature))
+
+    def arm(self) -> None:
+        self._steps = []
+
+    def disarm(self) -> torch.Tensor | None:
+        """Stop recording; return the (rows, steps) entropies recorded since `arm`, or None if none."""
+        steps, self._steps = self._steps, None
+        if not steps:
+            return None
+        return torch.stack(steps, dim=1)

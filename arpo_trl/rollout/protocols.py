@@ -1,0 +1,94 @@
+"""The two tool formats, as seen by the tree rollout.
+
+- `TagProtocol` (``tool_format="tags"``, the paper): one assistant turn; generation stops after ``</name>`` of a
+  known tool; the call's content is the text between the tags; the result is appended inline as
+  ``<result>…</result>`` tokens.
+- `ChatTemplateProtocol` (``tool_format="chat_template"``, TRL-native): a turn ends with EOS; tool calls are parsed
+  from it with TRL's `parse_response`; results are appended as the chat template's tool turn
+  (`GRPOTrainer._get_tool_suffix_ids`), as TRL's own tool loop does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from trl.chat_template_utils import parse_response
+
+from ..tools import ToolCall, ToolResult, format_result, parse_tag_call, stop_strings
+from .engine import Segment
+from .tree import Trajectory
+
+if TYPE_CHECKING:
+    from trl import GRPOTrainer
+
+
+def _limit_text(limit: int) -> str:
+    return f"Error: the tool-call limit ({limit}) is reached; no more tools run. Give your final answer now."
+
+
+class TagProtocol:
+    def __init__(self, tokenizer: Any, tool_names: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.tool_names = list(tool_names)
+        self.stop_strings = stop_strings(self.tool_names)
+
+    def calls(self, traj: Trajectory, segment: Segment) -> list[ToolCall]:
+        if segment.finish != "stop":
+            return []
+        text = self.tokenizer.decode(segment.ids, skip_special_tokens=False)
+        call = parse_tag_call(text, self.tool_names)
+        return [call] if call is not None else []
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def result_ids(self, traj: Trajectory, calls: list[ToolCall], results: list[ToolResult]) -> list[int]:
+        return self._encode("".join(format_result(r.text) for r in results))
+
+    def limit_notice_ids(self, traj: Trajectory, calls: list[ToolCall], limit: int) -> list[int]:
+        return self._encode(format_result(_limit_text(limit)))
+
+    def completion(self, traj: Trajectory, conversational: bool) -> Any:
+        text = self.tokenizer.decode(traj.completion_ids, skip_special_tokens=True)
+        return [{"role": "assistant", "content": text}] if conversational else text
+
+
+class ChatTemplateProtocol:
+    stop_strings = None
+
+    def __init__(self, trainer: GRPOTrainer) -> None:
+        self.trainer = trainer
+        self.prompt_ids: list[list[int]] = []  # set for each batch: the context `parse_response` needs
+
+    def calls(self, traj: Trajectory, segment: Segment) -> list[ToolCall]:
+        t = self.trainer
+        context = self.prompt_ids[traj.slot] + traj.completion_ids[: len(traj.completion_ids) - len(segment.ids)]
+        message = parse_response(t._tokenizer, segment.ids, prefix=context, tools=t.tools)
+        traj.messages.append(message)
+        if segment.finish != "eos":
+            return []
+        calls = []
+        for tool_call in message.get("tool_calls") or []:
+            function = tool_call.get("function", {}) if isinstance(tool_call, dict) else {}
+            name = function.get("name") or "unknown"
+            arguments = function.get("arguments")
+            if tool_call.get("type", "function") != "function":
+                calls.append(ToolCall(name, {}, parse_error=f"Error: unsupported tool call type {tool_call.get('type')!r}."))
+            elif not isinstance(arguments, dict):
+                calls.append(ToolCall(name, {}, parse_error=f"Error: arguments of {name!r} are not a JSON object."))
+            else:
+                calls.append(ToolCall(name, arguments))
+        return calls
+
+    def result_ids(self, traj: Trajectory, calls: list[ToolCall], results: list[ToolResult]) -> list[int]:
+        messages = [{"role": "tool", "name": c.name, "content": r.text} for c, r in zip(calls, results, strict=True)]
+        traj.messages.extend(messages)
+        return self.trainer._get_tool_suffix_ids(messages)
+
+    def limit_notice_ids(self, traj: Trajectory, calls: list[ToolCall], limit: int) -> list[int]:
+        messages = [{"role": "tool", "name": c.name, "content": _limit_text(limit)} for c in calls]
+        traj.messages.extend(messages)
+        return self.trainer._get_tool_suffix_ids(messages)
+
+    def completion(self, traj: Trajectory, conversational: bool) -> Any:
+        return traj.messages
