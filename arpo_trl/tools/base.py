@@ -91,6 +91,15 @@ def _make_output(text: str, error: bool, timed_out: bool) -> ToolOutput:
     return ToolOutput(text, error=error, timed_out=timed_out)
 
 
+def clean_text(text: str) -> str:
+    """Text safe for any tokenizer: lone surrogates become ``?``, NUL characters U+FFFD."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", errors="replace").decode("utf-8")
+    return text.replace("\x00", "\ufffd")
+
+
 class TransientToolError(RuntimeError):
     """Raised by a tool for a failure worth retrying (a network hiccup, an overloaded service)."""
 

@@ -24,7 +24,16 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from .base import Tool, ToolCall, ToolOutput, ToolResult, TransientToolError, tool_name, tools_by_name
+from .base import (
+    Tool,
+    ToolCall,
+    ToolOutput,
+    ToolResult,
+    TransientToolError,
+    clean_text,
+    tool_name,
+    tools_by_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +91,7 @@ class ToolExecutor:
         self.cache_size = cache_size
         self.empty_output_text = empty_output_text
         self._cache: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._cache_lock = threading.Lock()  # rounds may run from several threads at once
         self._abandoned: set[threading.Thread] = set()
         self._closed = False
 
@@ -121,7 +131,7 @@ class ToolExecutor:
                 if error
                 else self.empty_output_text.replace("{name}", name)
             )
-        return ToolResult(self._truncate(_clean(text)), error=error or timed_out, timed_out=timed_out)
+        return ToolResult(clean_text(text), error=error or timed_out, timed_out=timed_out)
 
     def _truncate(self, text: str) -> str:
         if len(text) <= self.max_response_chars:
@@ -144,10 +154,20 @@ class ToolExecutor:
     def _cache_put(self, key: tuple[str, str] | None, result: ToolResult) -> None:
         if key is None or result.error:
             return
-        self._cache[key] = result.text
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        with self._cache_lock:
+            self._cache[key] = result.text
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    def _cache_get(self, key: tuple[str, str] | None) -> str | None:
+        if key is None:
+            return None
+        with self._cache_lock:
+            text = self._cache.get(key)
+            if text is not None:
+                self._cache.move_to_end(key)
+            return text
 
     # -- a round ----------------------------------------------------------------------------------------------
 
@@ -161,10 +181,10 @@ class ToolExecutor:
             if not isinstance(call, ToolCall):
                 results[i] = ToolResult(f"Error: malformed tool call {type(call).__name__}.", error=True)
             elif call.parse_error is not None:
-                results[i] = ToolResult(self._truncate(_clean(str(call.parse_error))), error=True)
+                results[i] = ToolResult(self._truncate(clean_text(str(call.parse_error))), error=True)
             elif call.name not in self.tools:
                 known = ", ".join(sorted(self.tools)) or "none"
-                shown = _clean(repr(call.name))[:100]
+                shown = clean_text(repr(call.name))[:100]
                 results[i] = ToolResult(f"Error: unknown tool {shown} (available: {known}).", error=True)
             elif not isinstance(call.arguments, str | dict):
                 results[i] = ToolResult(
@@ -172,9 +192,9 @@ class ToolExecutor:
                 )
             else:
                 key = self._cache_key(call)
-                if key is not None and key in self._cache:
-                    self._cache.move_to_end(key)
-                    results[i] = ToolResult(self._cache[key], cached=True)
+                cached = self._cache_get(key)
+                if cached is not None:
+                    results[i] = ToolResult(cached, cached=True)
                 else:
                     todo.append((i, key))
         self._schedule(calls, todo, results)
@@ -209,7 +229,7 @@ class ToolExecutor:
                 thread.start()
             next_deadline = min(d for _, d, _ in running.values())
             try:
-                i, res = done.get(timeout=max(0.0, next_deadline - time.monotonic()))
+                i, res = done.get(timeout=min(max(0.0, next_deadline - time.monotonic()), 3600.0))
             except queue.Empty:
                 now = time.monotonic()
                 for j, (start, deadline, thread) in list(running.items()):
@@ -227,7 +247,7 @@ class ToolExecutor:
             if i not in running:  # a late answer from an abandoned call: its slot is already given away
                 continue
             start, _, _ = running.pop(i)
-            res = ToolResult(res.text, res.error, res.timed_out, time.monotonic() - start, res.cached)
+            res = ToolResult(self._truncate(res.text), res.error, res.timed_out, time.monotonic() - start)
             results[i] = res
             self._cache_put(keys.get(i), res)
 
@@ -272,7 +292,7 @@ def _describe(exc: BaseException) -> str:
     except BaseException:  # noqa: BLE001
         msg = "<unprintable exception>"
     text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
-    return _clean(text if len(text) <= 1000 else text[:1000] + " …")
+    return clean_text(text if len(text) <= 1000 else text[:1000] + " …")
 
 
 def _to_text(out: Any) -> str:
@@ -289,12 +309,3 @@ def _to_text(out: Any) -> str:
         return str(out)
     except BaseException as exc:  # noqa: BLE001
         return f"Error: the tool's output could not be converted to text ({_describe(exc)})."
-
-
-def _clean(text: str) -> str:
-    """Text safe for any tokenizer: no lone surrogates, no NUL characters."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", errors="replace").decode("utf-8")
-    return text.replace("\x00", "\ufffd")

@@ -17,7 +17,7 @@ import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 
-from .base import StringTool, ToolOutput
+from .base import StringTool, ToolOutput, clean_text
 from .sandbox import SANDBOX_INSTALL_HINT, BwrapSandbox, Limits, RunResult, interpreter_paths, run_limited
 
 logger = logging.getLogger(__name__)
@@ -207,8 +207,8 @@ class PythonInterpreter(StringTool):
         return self._render(res)
 
     def _render(self, res: RunResult) -> ToolOutput:
-        out = res.stdout.decode("utf-8", errors="replace")
-        err = res.stderr.decode("utf-8", errors="replace")
+        out = clean_text(res.stdout.decode("utf-8", errors="replace"))
+        err = clean_text(res.stderr.decode("utf-8", errors="replace"))
         limit_bytes = self.limits.file_mb << 20
         notes: list[str] = []
         if res.stdout_size > len(res.stdout):
