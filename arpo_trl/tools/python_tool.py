@@ -26,7 +26,18 @@ logger = logging.getLogger(__name__)
 # "<string>" (like `python -c`), shows the offending source line in tracebacks, prints the value of a final bare
 # expression unless it is None, and hides its own frame from tracebacks.
 RUNNER = r"""
-import ast, builtins, linecache, os, sys, traceback
+import ast, builtins, linecache, os, resource, sys, traceback
+# The same limits `prlimit` sets from outside, set again from inside: they hold even where prlimit is missing.
+for _res, _value in zip(
+    (resource.RLIMIT_AS, resource.RLIMIT_CPU, resource.RLIMIT_FSIZE, resource.RLIMIT_NOFILE, resource.RLIMIT_CORE),
+    [int(v) for v in sys.argv[1:6]],
+):
+    _soft, _hard = resource.getrlimit(_res)
+    _extra = 1 if _res == resource.RLIMIT_CPU else 0
+    _new_hard = _value + _extra if _hard == resource.RLIM_INFINITY else min(_hard, _value + _extra)
+    resource.setrlimit(_res, (min(_value, _new_hard), _new_hard))
+del _res, _value, _soft, _hard, _extra, _new_hard, resource
+sys.argv = ["-c"]
 src = sys.stdin.buffer.read().decode("utf-8", "replace")
 try:
     sys.stdin.close()
@@ -45,7 +56,10 @@ try:
 except (SyntaxError, ValueError, MemoryError, RecursionError) as exc:
     _fail(exc)
 last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-ns = {"__name__": "__main__", "__builtins__": builtins}
+_main = type(sys)("__main__")  # a clean __main__ module, as runpy gives a script (pickle, dataclasses need it)
+_main.__builtins__ = builtins
+sys.modules["__main__"] = _main
+ns = _main.__dict__
 del ast, builtins, src
 try:
     exec(compile(tree, "<string>", "exec"), ns)
@@ -186,7 +200,9 @@ class PythonInterpreter(StringTool):
             raise RuntimeError(f"a test run in bubblewrap failed (exit status {res.returncode}): {detail}")
 
     def _command(self) -> list[str]:
-        return [self.python, "-I", "-u", "-X", "utf8", "-c", RUNNER]
+        lim = self.limits
+        limits = [lim.memory_mb << 20, lim.cpu_s, lim.file_mb << 20, lim.open_files, 0]
+        return [self.python, "-I", "-u", "-X", "utf8", "-c", RUNNER, *map(str, limits)]
 
     def run(self, code: str) -> ToolOutput:
         """Execute `code`; return what the model reads. Never raises for anything the code does."""
