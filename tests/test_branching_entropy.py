@@ -1,0 +1,78 @@
+import math
+
+import pytest
+import torch
+
+from arpo_trl.rollout.branching import BranchPolicy, branch_probability
+from arpo_trl.rollout.entropy import EntropyRecorder, token_entropy, window_entropy
+
+
+def test_branch_probability_is_clipped_linear():
+    assert branch_probability(0.0, 0.5, 0.2) == 0.5
+    assert branch_probability(1.0, 0.5, 0.2) == pytest.approx(0.7)
+    assert branch_probability(10.0, 0.5, 0.2) == 1.0
+    assert branch_probability(-10.0, 0.5, 0.2) == 0.0
+
+
+@pytest.mark.parametrize("delta_h", [-5.0, 0.0, 5.0])
+def test_alpha_beta_zero_never_forks_and_alpha_one_beta_zero_always_forks(delta_h):
+    never, always = BranchPolicy(0.0, 0.0, seed=1), BranchPolicy(1.0, 0.0, seed=1)
+    assert not any(never.decide(delta_h).fork for _ in range(500))
+    assert all(always.decide(delta_h).fork for _ in range(500))
+
+
+def test_bernoulli_rule_forks_at_the_documented_rate():
+    policy = BranchPolicy(0.5, 0.2, seed=0)
+    rate = sum(policy.decide(1.0).fork for _ in range(20000)) / 20000
+    assert rate == pytest.approx(0.7, abs=0.015)
+
+
+def test_threshold_rule_is_the_papers_deterministic_comparison():
+    policy = BranchPolicy(0.5, 0.2, rule="threshold", threshold=0.5)
+    assert policy.decide(0.01).fork and not policy.decide(0.0).fork and not policy.decide(-1).fork
+
+
+def test_seeded_policy_is_reproducible():
+    a, b = BranchPolicy(0.5, 0.2, seed=7), BranchPolicy(0.5, 0.2, seed=7)
+    assert [a.decide(0.3).fork for _ in range(50)] == [b.decide(0.3).fork for _ in range(50)]
+
+
+def test_window_entropy_normalisations():
+    ent = [1.0, 2.0, 3.0, 4.0]
+    assert window_entropy(ent, 3, "sum_lnV", 100) == pytest.approx(6.0 / math.log(100))
+    assert window_entropy(ent, 3, "mean", 100) == pytest.approx(2.0)
+    assert window_entropy(ent, 10, "sum_V", 100) == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        window_entropy([], 3, "mean", 100)
+
+
+def test_token_entropy_extremes():
+    v = 50
+    assert token_entropy(torch.zeros(v)).item() == pytest.approx(math.log(v), rel=1e-5)
+    peaked = torch.full((v,), -1e4)
+    peaked[3] = 0
+    assert token_entropy(peaked).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_entropy_hook_matches_a_teacher_forced_recompute(tokenizer):
+    """The hook's per-step entropies equal the entropies recomputed from the logits of a full forward."""
+    from arpo_trl.testing import build_tiny_model
+
+    model = build_tiny_model(tokenizer, seed=3).eval()
+    recorder = EntropyRecorder(temperature=0.7)
+    model.get_output_embeddings().register_forward_hook(recorder)
+    prompt = torch.tensor([tokenizer.encode("Add 3, 4 and 5.")])
+    torch.manual_seed(0)
+    recorder.arm()
+    out = model.generate(prompt, max_new_tokens=12, do_sample=True, temperature=0.7, pad_token_id=0,
+                         eos_token_id=None)
+    hooked = recorder.disarm()[0]
+    assert hooked.shape == (12,)
+    with torch.no_grad():
+        logits = model(out).logits[0, prompt.shape[1] - 1 : -1]
+    direct = token_entropy(logits, 0.7)
+    torch.testing.assert_close(hooked, direct, atol=1e-4, rtol=1e-4)
+    # Disarmed, the hook records nothing during ordinary forwards.
+    with torch.no_grad():
+        model(out)
+    assert recorder.disarm() is None

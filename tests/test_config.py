@@ -1,0 +1,70 @@
+import pytest
+from trl import GRPOConfig
+
+from arpo_trl import ARPOConfig
+
+BASE = dict(output_dir="/tmp/arpo-test-config", per_device_train_batch_size=8, num_generations=4, use_cpu=True,
+            bf16=False, report_to="none")
+
+
+def test_defaults_follow_the_paper_and_the_issue():
+    c = ARPOConfig(**BASE)
+    assert c.initial_rollouts == 2  # N = M // 2
+    assert (c.branch_factor, c.entropy_window) == (1, 20)
+    assert (c.branch_base_probability, c.branch_entropy_weight) == (0.5, 0.2)
+    assert (c.entropy_timing, c.advantage_attribution, c.rollout_fill, c.tool_format) == (
+        "after_tool", "soft", "fresh", "tags")
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        (dict(initial_rollouts=5), "initial_rollouts"),
+        (dict(initial_rollouts=0), "initial_rollouts"),
+        (dict(entropy_window=0), "entropy_window"),
+        (dict(branch_factor=0), "branch_factor"),
+        (dict(branch_base_probability=1.5), "branch_base_probability"),
+        (dict(branch_base_probability=-0.1), "branch_base_probability"),
+        (dict(branch_threshold=2.0), "branch_threshold"),
+        (dict(entropy_timing="before"), "entropy_timing"),
+        (dict(advantage_attribution="medium"), "advantage_attribution"),
+        (dict(rollout_fill="copy"), "rollout_fill"),
+        (dict(tool_format="json"), "tool_format"),
+        (dict(branch_rule="always"), "branch_rule"),
+        (dict(entropy_normalization="max"), "entropy_normalization"),
+        (dict(tool_timeout=0), "tool_timeout"),
+    ],
+)
+def test_bad_config_fails_at_construction_naming_the_field(override, field):
+    with pytest.raises(ValueError, match=field):
+        ARPOConfig(**{**BASE, **override})
+
+
+def test_group_straddling_two_processes_is_refused(monkeypatch):
+    # 2 processes × 6 rows = 12 rows per generation batch: TRL accepts it (12 % 4 == 0), but each process would
+    # hold 6 rows, one and a half groups of M = 4, and ARPO forks inside a group.
+    monkeypatch.setattr(ARPOConfig, "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        ARPOConfig(**{**BASE, "per_device_train_batch_size": 6, "num_generations": 4})
+
+
+def test_vllm_is_refused_until_supported():
+    with pytest.raises(ValueError, match="use_vllm"):
+        ARPOConfig(**BASE, use_vllm=True)
+
+
+def test_grpo_config_upgrades_with_arpo_defaults():
+    g = GRPOConfig(**BASE, learning_rate=3e-6)
+    a = ARPOConfig.from_grpo_config(g)
+    assert isinstance(a, ARPOConfig) and a.learning_rate == 3e-6 and a.initial_rollouts == 2
+    assert a.steps_per_generation == g.steps_per_generation
+
+
+def test_yaml_recipe_parses_into_arpo_config(tmp_path):
+    from trl import TrlParser
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("output_dir: /tmp/x\nnum_generations: 4\nper_device_train_batch_size: 4\n"
+                      "initial_rollouts: 1\nadvantage_attribution: hard\nuse_cpu: true\nbf16: false\n")
+    (config,) = TrlParser((ARPOConfig,)).parse_args_and_config(["--config", str(recipe), "--branch_factor", "2"])
+    assert (config.initial_rollouts, config.advantage_attribution, config.branch_factor) == (1, "hard", 2)

@@ -1,0 +1,187 @@
+"""The tree rollout without a model: a scripted generator stands in at the generation seam."""
+
+import random
+import threading
+
+import pytest
+
+from arpo_trl.rollout.branching import BranchPolicy
+from arpo_trl.rollout.engine import RolloutSettings, Segment, TreeRollout
+from arpo_trl.rollout.protocols import TagProtocol
+from arpo_trl.testing import calc
+from arpo_trl.tools import ToolExecutor
+
+
+class ScriptedGenerator:
+    """Calls <calc>i+1</calc> until the completion holds `calls` results, then answers and ends with EOS.
+
+    The entropy of each sampled token is random but reproducible, so ΔH varies.
+    """
+
+    def __init__(self, tokenizer, calls=2, seed=0, prompt_len=None):
+        self.tok, self.calls, self.rng = tokenizer, calls, random.Random(seed)
+        self.call_log = []
+
+    def __call__(self, prefixes, max_new_tokens):
+        self.call_log.append(len(prefixes))
+        out = []
+        for prefix, budget in zip(prefixes, max_new_tokens):
+            done = self.tok.decode(prefix).count("<result>")
+            if done < self.calls:
+                ids, finish = self.tok.encode(f" step<calc>{done}+1</calc>", add_special_tokens=False), "stop"
+            else:
+                ids, finish = self.tok.encode(" The answer is \\boxed{3}.", add_special_tokens=False) + [
+                    self.tok.eos_token_id], "eos"
+            if len(ids) > budget:
+                ids, finish = ids[:budget], "length"
+            out.append(Segment(ids, [self.rng.uniform(0, 3) for _ in ids], finish))
+        return out
+
+
+def rollout(tokenizer, m=4, n=2, z=1, alpha=1.0, beta=0.0, calls=2, fill="fresh", timing="after_tool",
+            max_len=200, tools=(calc,), generator=None, any_active=None, groups=2, **kw):
+    settings = RolloutSettings(group_size=m, initial_rollouts=n, branch_factor=z, entropy_window=4,
+                               entropy_timing=timing, rollout_fill=fill, max_completion_length=max_len, **kw)
+    engine = TreeRollout(
+        settings, generator or ScriptedGenerator(tokenizer, calls), TagProtocol(tokenizer, [t.__name__ for t in tools]),
+        ToolExecutor(list(tools), timeout=5), BranchPolicy(alpha, beta, seed=0), vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id, **({"any_active": any_active} if any_active else {}))
+    prompt = tokenizer.encode("Add 1 and 2.")
+    return engine.run([prompt] * (m * groups))
+
+
+@pytest.mark.parametrize("m, n, z", [(4, 2, 1), (8, 4, 1), (8, 1, 3), (5, 5, 1), (6, 4, 2)])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_every_group_ends_with_exactly_m_finished_completions(tokenizer, m, n, z, alpha):
+    trajs, stats = rollout(tokenizer, m=m, n=n, z=z, alpha=alpha, beta=0.3)
+    assert [t.slot for t in trajs] == list(range(2 * m))
+    assert all(t.done and t.group == t.slot // m for t in trajs)
+    assert stats.branches + stats.fresh == 2 * (m - n)  # budget used by branches, the rest filled fresh
+    assert stats.branches <= 2 * (m - n)
+
+
+def test_forced_branching_uses_the_whole_budget_and_forks_share_the_prefix_through_the_result(tokenizer):
+    trajs, stats = rollout(tokenizer, m=8, n=2, alpha=1.0, beta=0.0)
+    assert stats.branches == 2 * 6 and stats.fresh == 0
+    by_slot = {t.slot: t for t in trajs}
+    for t in trajs:
+        if t.kind != "branch":
+            continue
+        parent = by_slot[t.parent]
+        cut = t.fork_position
+        assert t.completion_ids[:cut] == parent.completion_ids[:cut]
+        assert t.tool_mask[cut - 1] == 0  # the shared prefix ends on a tool-result token
+        assert tokenizer.decode(t.completion_ids[:cut]).endswith("</result>")
+
+
+def test_no_branching_when_alpha_and_beta_are_zero(tokenizer):
+    trajs, stats = rollout(tokenizer, m=6, n=2, alpha=0.0, beta=0.0)
+    assert stats.branches == 0 and stats.fresh == 2 * 4
+    assert all(t.kind in ("root", "fresh") for t in trajs)
+    assert stats.branch_probabilities and set(stats.branch_probabilities) == {0.0}
+
+
+def test_duplicate_fill_repeats_the_last_trajectory(tokenizer):
+    trajs, stats = rollout(tokenizer, m=4, n=2, alpha=0.0, beta=0.0, fill="duplicate", groups=1)
+    assert stats.duplicates == 2 and stats.fresh == 0
+    assert trajs[2].completion_ids == trajs[1].completion_ids == trajs[3].completion_ids
+
+
+def test_unique_tool_executions_are_fewer_than_calls_seen_by_completions(tokenizer):
+    trajs, stats = rollout(tokenizer, m=8, n=2, alpha=1.0, beta=0.0, calls=3, groups=1)
+    seen = sum(len(t.tool_events) for t in trajs)
+    assert seen == 8 * 3
+    assert stats.tool_executions < seen
+    assert all(sum(1 for e in t.tool_events if not e.inherited) + sum(1 for e in t.tool_events if e.inherited) == 3
+               for t in trajs)
+
+
+def test_lagged_timing_first_decision_has_zero_entropy_change(tokenizer):
+    """ARPO_SPEC D1: the official code decides at the first call on the segment that defined H_initial."""
+    trajs, stats = rollout(tokenizer, m=4, n=4, alpha=0.5, beta=0.2, timing="lagged", groups=1)
+    roots = [t for t in trajs if t.kind == "root"]
+    assert roots  # no budget: no decisions at all
+    trajs, stats = rollout(tokenizer, m=8, n=2, alpha=0.5, beta=0.2, timing="lagged", groups=1)
+    first_decisions = [t.branch_events[0] for t in trajs if t.kind == "root" and t.branch_events]
+    assert first_decisions and all(e.delta_h == 0.0 for e in first_decisions)
+
+
+def test_after_tool_timing_measures_the_tokens_after_the_result(tokenizer):
+    trajs, _ = rollout(tokenizer, m=8, n=2, alpha=0.5, beta=0.2, groups=1)
+    events = [e for t in trajs for e in t.branch_events]
+    assert events and any(e.delta_h != 0.0 for e in events)
+    for t in trajs:
+        for e in t.branch_events:  # decided at a tool-result boundary
+            assert t.tool_mask[e.position - 1] == 0
+
+
+def test_completion_budget_is_honoured_tool_tokens_included(tokenizer):
+    trajs, _ = rollout(tokenizer, m=4, n=2, calls=5, max_len=30)
+    assert all(len(t.completion_ids) <= 30 for t in trajs)
+    assert any(t.finish_reason in ("length", "no_room_for_result") for t in trajs)
+
+
+def test_call_limit_ends_with_an_unsampled_eos(tokenizer):
+    trajs, stats = rollout(tokenizer, m=4, n=2, calls=5, max_tool_rounds=2, groups=1)
+    assert stats.call_limit_hits == 4
+    for t in trajs:
+        assert t.finish_reason == "call_limit" and t.tool_rounds == 2
+        assert t.completion_ids[-1] == tokenizer.eos_token_id and t.tool_mask[-1] == 0
+
+
+def test_call_limit_message_lets_the_model_continue(tokenizer):
+    trajs, stats = rollout(tokenizer, m=2, n=2, calls=3, max_tool_rounds=1, call_limit_action="message", groups=1)
+    assert stats.call_limit_hits >= 2
+    texts = [tokenizer.decode(t.completion_ids) for t in trajs]
+    assert all("tool-call limit (1)" in x and x.endswith(tokenizer.eos_token) for x in texts)
+
+
+def test_a_crashing_tool_becomes_an_error_result_and_is_counted(tokenizer):
+    def calc(expression: str) -> str:
+        raise RuntimeError("boom")
+
+    trajs, stats = rollout(tokenizer, m=2, n=2, calls=1, tools=(calc,), groups=1)
+    assert stats.tool_errors == 2
+    assert all("RuntimeError: boom" in tokenizer.decode(t.completion_ids) for t in trajs)
+
+
+def test_ranks_make_the_same_number_of_generate_calls_however_their_trees_branch(tokenizer):
+    """Two simulated ranks with very different trees: the collective `any_active` keeps their rounds aligned."""
+    barrier = threading.Barrier(2)
+    flags = {}
+    lock = threading.Lock()
+
+    def any_active(rank):
+        def reduce(local):
+            with lock:
+                flags[rank] = local
+            barrier.wait()
+            result = any(flags.values())
+            barrier.wait()
+            return result
+        return reduce
+
+    gens = [ScriptedGenerator(tokenizer, calls=1), ScriptedGenerator(tokenizer, calls=4)]
+    outcome = [None, None]
+
+    def work(rank):
+        outcome[rank] = rollout(tokenizer, m=8, n=2, alpha=[0.0, 1.0][rank], generator=gens[rank],
+                                any_active=any_active(rank), groups=1)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(o is not None for o in outcome)
+    assert outcome[0][1].branches == 0 and outcome[1][1].branches == 6
+    assert len(gens[0].call_log) == len(gens[1].call_log)
+    assert 0 in gens[0].call_log  # rank 0 finished early and joined the remaining rounds with no rows
+
+
+def test_mixed_prompts_inside_a_group_are_refused(tokenizer):
+    settings = RolloutSettings(group_size=2, initial_rollouts=1)
+    engine = TreeRollout(settings, ScriptedGenerator(tokenizer), TagProtocol(tokenizer, ["calc"]),
+                         ToolExecutor([calc]), BranchPolicy(1, 0), len(tokenizer), tokenizer.eos_token_id)
+    with pytest.raises(ValueError, match="one prompt repeated"):
+        engine.run([[1, 2], [1, 3]])
