@@ -225,8 +225,14 @@ class ToolExecutor:
                 start = time.monotonic()
                 deadline = start + self.timeout
                 thread = threading.Thread(target=worker, args=(i, deadline), name=f"arpo-tool-{i}", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError as exc:  # the process is out of threads: answer, do not raise
+                    results[i] = ToolResult(f"Error: tool {calls[i].name!r} could not start: {exc}.", error=True)
+                    continue
                 running[i] = (start, deadline, thread)
-                thread.start()
+            if not running:
+                break
             next_deadline = min(d for _, d, _ in running.values())
             try:
                 i, res = done.get(timeout=min(max(0.0, next_deadline - time.monotonic()), 3600.0))

@@ -263,3 +263,13 @@ def test_configuration_errors():
     ex.close()
     with pytest.raises(RuntimeError, match="closed"):
         ex.run([])
+
+
+def test_thread_exhaustion_is_an_error_result(monkeypatch):
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    res = ToolExecutor([echo], timeout=5).run([ToolCall("echo", "x"), ToolCall("echo", "y")])
+    assert [r.text for r in res] == ["Error: tool 'echo' could not start: can't start new thread."] * 2
+    assert all(r.error for r in res)
