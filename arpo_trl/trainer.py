@@ -23,7 +23,7 @@ from .rollout.entropy import EntropyRecorder
 from .rollout.generation import TransformersGenerator
 from .rollout.protocols import ChatTemplateProtocol, TagProtocol
 from .rollout.tree import Trajectory
-from .tools import ToolExecutor, tools_by_name
+from .tools import ToolExecutor, as_function, tools_by_name
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,8 @@ class ARPOTrainer(GRPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
             # Tag-format tools are called inline, not through the chat template: TRL must not set them up.
-            tools=tools if args.tool_format == "chat_template" else None,
+            # In chat mode TRL renders their JSON schemas, which transformers builds from plain functions only.
+            tools=[as_function(t) for t in tools] if args.tool_format == "chat_template" else None,
         )
         self.arpo_tools = tools
         self.tool_executor = ToolExecutor(

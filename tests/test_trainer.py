@@ -239,3 +239,59 @@ def test_constructor_rejects_what_arpo_cannot_do(tool_model, tokenizer, tmp_path
         make_trainer(tool_model, tokenizer, args, rollout_func=lambda prompts, trainer: {})
     with pytest.raises(ValueError, match="unique"):
         make_trainer(tool_model, tokenizer, args, tools=[calc, calc])
+
+
+class FirstTurnScripted:
+    """Constrained decoding of the first segment, for tool_format="chat_template".
+
+    The tiny model was taught the tag format only, so rows that have not called a tool yet receive a scripted
+    `<tool_call>` turn; every later segment (after the tool's answer) is sampled by the real model through the
+    trainer's real generator, so branching, masking and parsing run for real.
+    """
+
+    def __init__(self, inner, tokenizer, call_text):
+        self.inner, self.tok = inner, tokenizer
+        self.call_ids = tokenizer.encode(call_text, add_special_tokens=False) + [tokenizer.eos_token_id]
+
+    def __call__(self, prefixes, max_new_tokens):
+        from arpo_trl.rollout.engine import Segment
+
+        scripted = ["<tool_response>" not in self.tok.decode(p) for p in prefixes]
+        sampled = self.inner([p for p, s in zip(prefixes, scripted) if not s],
+                             [b for b, s in zip(max_new_tokens, scripted) if not s])
+        out = []
+        for s in scripted:
+            out.append(Segment(list(self.call_ids), [0.0] * len(self.call_ids), "eos") if s else sampled.pop(0))
+        return out
+
+
+def test_chat_template_tool_format_with_the_sandboxed_interpreter(tool_model, tokenizer, tmp_path):
+    import importlib.resources
+    import json
+
+    from arpo_trl.tools import PythonInterpreter
+
+    chat_tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    # TRL's bundled Qwen2.5 template: tool-aware, prefix-preserving, and recognised by TRL's response parser.
+    chat_tok.chat_template = importlib.resources.files("trl").joinpath("chat_templates/qwen2_5.jinja").read_text()
+    args = make_args(tmp_path, tool_format="chat_template", max_completion_length=160, max_steps=1)
+    trainer = make_trainer(tool_model, chat_tok, args, tools=[PythonInterpreter(timeout=10)])
+    call = json.dumps({"name": "python", "arguments": {"code": "x = 20\nx + 22"}})
+    trainer.generator = FirstTurnScripted(trainer.generator, chat_tok, f"<tool_call>\n{call}\n</tool_call>")
+    trainer.train()
+
+    batch = trainer.batches[0]
+    trajs, out = batch["rollout"].trajectories, batch["out"]
+    assert len(trajs) == 8 and batch["rollout"].stats.branches == 2 * (M - N)
+    for i, t in enumerate(trajs):
+        # TRL-style messages: the assistant's call, the tool's answer (from the sandbox), the next assistant turn
+        assert t.messages[0]["tool_calls"][0]["function"]["name"] == "python"
+        assert t.messages[1] == {"role": "tool", "name": "python", "content": "42"}
+        ids, mask = out["completion_ids"][i, : len(t.completion_ids)], out["tool_mask"][i, : len(t.completion_ids)]
+        env_text = chat_tok.decode(ids[mask == 0])
+        assert "<tool_response>\n42\n</tool_response>" in env_text and "<tool_call>" not in env_text
+        assert "<tool_response>" not in chat_tok.decode(ids[mask == 1])
+        if t.kind == "branch":
+            cut = t.fork_position
+            assert t.completion_ids[:cut] == trajs[t.parent].completion_ids[:cut]
+            assert chat_tok.decode(t.completion_ids[:cut]).endswith("<|im_start|>assistant\n")

@@ -16,6 +16,7 @@ from .base import (
     ToolOutput,
     ToolResult,
     TransientToolError,
+    as_function,
     tool_name,
     tools_by_name,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "ToolResult",
     "TransientToolError",
     "WebSearch",
+    "as_function",
     "build_wiki_corpus",
     "format_pages",
     "format_result",

@@ -154,3 +154,22 @@ class StringTool:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def as_function(tool: Tool) -> Tool:
+    """A plain-function view of `tool` for chat templates.
+
+    transformers' `apply_chat_template(tools=...)` builds JSON schemas only from functions and methods, so a tool
+    object (e.g. `PythonInterpreter`) is wrapped in a function carrying its name, docstring and signature.
+    """
+    if inspect.isfunction(tool) or inspect.ismethod(tool):
+        return tool
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return tool(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = tool_name(tool)
+    call.__doc__ = tool.__doc__  # an instance's own docstring, else its class's
+    call.__signature__ = inspect.signature(tool)  # type: ignore[attr-defined]
+    call.__annotations__ = dict(getattr(tool, "__annotations__", {}) or {})
+    return call
