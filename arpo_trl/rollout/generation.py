@@ -46,6 +46,7 @@ class TransformersGenerator:
         self.stop_strings = stop_strings or None
         self.recorder = recorder
         self.calls = 0  # generate calls made (equal on every rank in a distributed run)
+        self.idle_calls = 0  # of which this rank had no rows and joined with a dummy batch
 
     def __call__(self, prefixes: list[list[int]], max_new_tokens: list[int]) -> list[Segment]:
         t = self.trainer
@@ -53,6 +54,7 @@ class TransformersGenerator:
         self.calls += 1
         dummy = not prefixes
         if dummy:
+            self.idle_calls += 1
             # Another process still generates: join the collective calls (ZeRO-3 parameter gathering, synced
             # decoding) with one throw-away row.
             prefixes, max_new_tokens = [[tok.eos_token_id]], [1]

@@ -1,0 +1,40 @@
+"""A real 2-process run (`accelerate launch`, gloo on CPU) whose ranks branch differently on purpose."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "scripts" / "distributed_train.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_ranks_with_different_trees_make_the_same_generate_calls(tmp_path, tool_model_state):
+    # tool_model_state: the cached SFT model exists before both ranks load it.
+    accelerate = Path(sys.executable).with_name("accelerate")
+    # --multi_gpu selects accelerate's torchrun launcher; with use_cpu=True the processes run on CPU over gloo.
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           str(SCRIPT), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in reports] == [2, 2]
+    assert all(r["distributed_type"] == "DistributedType.MULTI_CPU" for r in reports)
+    assert all(r["global_step"] == 2 for r in reports)
+    # rank 0 forks at every decision, rank 1 never: different trees...
+    assert reports[0]["branches"] > 0 and reports[1]["branches"] == 0
+    # ...and still the same number of generate calls on both ranks (idle rounds joined with a dummy batch)
+    assert reports[0]["generate_calls"] == reports[1]["generate_calls"]
+    assert reports[0]["idle_calls"] + reports[1]["idle_calls"] > 0  # one rank did wait for the other
