@@ -53,7 +53,9 @@ class ARPOConfig(GRPOConfig):
 
     initial_rollouts: int | None = field(
         default=None,
-        metadata={"help": "N: trajectory-level rollouts started per prompt (1 ≤ N ≤ M). Default: num_generations // 2."},
+        metadata={
+            "help": "N: trajectory-level rollouts started per prompt (1 ≤ N ≤ M). Default: num_generations // 2."
+        },
     )
     branch_factor: int = field(
         default=1,

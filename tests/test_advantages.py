@@ -14,8 +14,11 @@ def brute_force(ids, mask, adv, group_size):
         for t in range(length):
             if not mask[i, t]:
                 continue
-            sharers = [j for j in range(g, g + group_size)
-                       if bool(mask[j, : t + 1].all()) and torch.equal(ids[j, : t + 1], ids[i, : t + 1])]
+            sharers = [
+                j
+                for j in range(g, g + group_size)
+                if bool(mask[j, : t + 1].all()) and torch.equal(ids[j, : t + 1], ids[i, : t + 1])
+            ]
             out[i, t] = adv[sharers].mean()
     return out
 
@@ -30,7 +33,7 @@ def trees(draw):
     rows, lengths = [], []
     for _ in range(groups):
         members = []
-        for j in range(group_size):
+        for _ in range(group_size):
             n = draw(st.integers(1, length))
             own = draw(st.lists(st.integers(0, vocab - 1), min_size=length, max_size=length))
             if members and draw(st.booleans()):
@@ -42,8 +45,9 @@ def trees(draw):
         lengths += [m[1] for m in members]
     ids = torch.tensor(rows)
     mask = (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]).long()
-    adv = torch.tensor(draw(st.lists(st.floats(-3, 3, allow_nan=False), min_size=len(rows), max_size=len(rows))),
-                       dtype=torch.float64)
+    adv = torch.tensor(
+        draw(st.lists(st.floats(-3, 3, allow_nan=False), min_size=len(rows), max_size=len(rows))), dtype=torch.float64
+    )
     return ids, mask, adv, group_size
 
 

@@ -64,8 +64,7 @@ def test_entropy_hook_matches_a_teacher_forced_recompute(tokenizer):
     prompt = torch.tensor([tokenizer.encode("Add 3, 4 and 5.")])
     torch.manual_seed(0)
     recorder.arm()
-    out = model.generate(prompt, max_new_tokens=12, do_sample=True, temperature=0.7, pad_token_id=0,
-                         eos_token_id=None)
+    out = model.generate(prompt, max_new_tokens=12, do_sample=True, temperature=0.7, pad_token_id=0, eos_token_id=None)
     hooked = recorder.disarm()[0]
     assert hooked.shape == (12,)
     with torch.no_grad():

@@ -3,8 +3,14 @@ from trl import GRPOConfig
 
 from arpo_trl import ARPOConfig
 
-BASE = dict(output_dir="/tmp/arpo-test-config", per_device_train_batch_size=8, num_generations=4, use_cpu=True,
-            bf16=False, report_to="none")
+BASE = dict(
+    output_dir="/tmp/arpo-test-config",
+    per_device_train_batch_size=8,
+    num_generations=4,
+    use_cpu=True,
+    bf16=False,
+    report_to="none",
+)
 
 
 def test_defaults_follow_the_paper_and_the_issue():
@@ -13,7 +19,11 @@ def test_defaults_follow_the_paper_and_the_issue():
     assert (c.branch_factor, c.entropy_window) == (1, 20)
     assert (c.branch_base_probability, c.branch_entropy_weight) == (0.5, 0.2)
     assert (c.entropy_timing, c.advantage_attribution, c.rollout_fill, c.tool_format) == (
-        "after_tool", "soft", "fresh", "tags")
+        "after_tool",
+        "soft",
+        "fresh",
+        "tags",
+    )
 
 
 @pytest.mark.parametrize(
@@ -64,7 +74,9 @@ def test_yaml_recipe_parses_into_arpo_config(tmp_path):
     from trl import TrlParser
 
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("output_dir: /tmp/x\nnum_generations: 4\nper_device_train_batch_size: 4\n"
-                      "initial_rollouts: 1\nadvantage_attribution: hard\nuse_cpu: true\nbf16: false\n")
+    recipe.write_text(
+        "output_dir: /tmp/x\nnum_generations: 4\nper_device_train_batch_size: 4\n"
+        "initial_rollouts: 1\nadvantage_attribution: hard\nuse_cpu: true\nbf16: false\n"
+    )
     (config,) = TrlParser((ARPOConfig,)).parse_args_and_config(["--config", str(recipe), "--branch_factor", "2"])
     assert (config.initial_rollouts, config.advantage_attribution, config.branch_factor) == (1, "hard", 2)

@@ -23,9 +23,23 @@ def test_two_ranks_with_different_trees_make_the_same_generate_calls(tmp_path, t
     # tool_model_state: the cached SFT model exists before both ranks load it.
     accelerate = Path(sys.executable).with_name("accelerate")
     # --multi_gpu selects accelerate's torchrun launcher; with use_cpu=True the processes run on CPU over gloo.
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(SCRIPT), str(tmp_path)]
+    cmd = [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(SCRIPT),
+        str(tmp_path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -30,22 +30,53 @@ class ScriptedGenerator:
             if done < self.calls:
                 ids, finish = self.tok.encode(f" step<calc>{done}+1</calc>", add_special_tokens=False), "stop"
             else:
-                ids, finish = self.tok.encode(" The answer is \\boxed{3}.", add_special_tokens=False) + [
-                    self.tok.eos_token_id], "eos"
+                ids, finish = (
+                    self.tok.encode(" The answer is \\boxed{3}.", add_special_tokens=False) + [self.tok.eos_token_id],
+                    "eos",
+                )
             if len(ids) > budget:
                 ids, finish = ids[:budget], "length"
             out.append(Segment(ids, [self.rng.uniform(0, 3) for _ in ids], finish))
         return out
 
 
-def rollout(tokenizer, m=4, n=2, z=1, alpha=1.0, beta=0.0, calls=2, fill="fresh", timing="after_tool",
-            max_len=200, tools=(calc,), generator=None, any_active=None, groups=2, **kw):
-    settings = RolloutSettings(group_size=m, initial_rollouts=n, branch_factor=z, entropy_window=4,
-                               entropy_timing=timing, rollout_fill=fill, max_completion_length=max_len, **kw)
+def rollout(
+    tokenizer,
+    m=4,
+    n=2,
+    z=1,
+    alpha=1.0,
+    beta=0.0,
+    calls=2,
+    fill="fresh",
+    timing="after_tool",
+    max_len=200,
+    tools=(calc,),
+    generator=None,
+    any_active=None,
+    groups=2,
+    **kw,
+):
+    settings = RolloutSettings(
+        group_size=m,
+        initial_rollouts=n,
+        branch_factor=z,
+        entropy_window=4,
+        entropy_timing=timing,
+        rollout_fill=fill,
+        max_completion_length=max_len,
+        **kw,
+    )
     engine = TreeRollout(
-        settings, generator or ScriptedGenerator(tokenizer, calls), TagProtocol(tokenizer, [t.__name__ for t in tools]),
-        ToolExecutor(list(tools), timeout=5), BranchPolicy(alpha, beta, seed=0), vocab_size=len(tokenizer),
-        eos_token_id=tokenizer.eos_token_id, **({"any_active": any_active} if any_active else {}))
+        settings,
+        generator or ScriptedGenerator(tokenizer, calls),
+        TagProtocol(tokenizer, [t.__name__ for t in tools]),
+        ToolExecutor(list(tools), timeout=5),
+        BranchPolicy(alpha, beta, seed=0),
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        **({"any_active": any_active} if any_active else {}),
+    )
     prompt = tokenizer.encode("Add 1 and 2.")
     return engine.run([prompt] * (m * groups))
 
@@ -92,8 +123,10 @@ def test_unique_tool_executions_are_fewer_than_calls_seen_by_completions(tokeniz
     seen = sum(len(t.tool_events) for t in trajs)
     assert seen == 8 * 3
     assert stats.tool_executions < seen
-    assert all(sum(1 for e in t.tool_events if not e.inherited) + sum(1 for e in t.tool_events if e.inherited) == 3
-               for t in trajs)
+    assert all(
+        sum(1 for e in t.tool_events if not e.inherited) + sum(1 for e in t.tool_events if e.inherited) == 3
+        for t in trajs
+    )
 
 
 def test_lagged_timing_first_decision_has_zero_entropy_change(tokenizer):
@@ -159,14 +192,16 @@ def test_ranks_make_the_same_number_of_generate_calls_however_their_trees_branch
             result = any(flags.values())
             barrier.wait()
             return result
+
         return reduce
 
     gens = [ScriptedGenerator(tokenizer, calls=1), ScriptedGenerator(tokenizer, calls=4)]
     outcome = [None, None]
 
     def work(rank):
-        outcome[rank] = rollout(tokenizer, m=8, n=2, alpha=[0.0, 1.0][rank], generator=gens[rank],
-                                any_active=any_active(rank), groups=1)
+        outcome[rank] = rollout(
+            tokenizer, m=8, n=2, alpha=[0.0, 1.0][rank], generator=gens[rank], any_active=any_active(rank), groups=1
+        )
 
     threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
     for t in threads:
@@ -181,7 +216,14 @@ def test_ranks_make_the_same_number_of_generate_calls_however_their_trees_branch
 
 def test_mixed_prompts_inside_a_group_are_refused(tokenizer):
     settings = RolloutSettings(group_size=2, initial_rollouts=1)
-    engine = TreeRollout(settings, ScriptedGenerator(tokenizer), TagProtocol(tokenizer, ["calc"]),
-                         ToolExecutor([calc]), BranchPolicy(1, 0), len(tokenizer), tokenizer.eos_token_id)
+    engine = TreeRollout(
+        settings,
+        ScriptedGenerator(tokenizer),
+        TagProtocol(tokenizer, ["calc"]),
+        ToolExecutor([calc]),
+        BranchPolicy(1, 0),
+        len(tokenizer),
+        tokenizer.eos_token_id,
+    )
     with pytest.raises(ValueError, match="one prompt repeated"):
         engine.run([[1, 2], [1, 3]])

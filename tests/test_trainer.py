@@ -33,10 +33,23 @@ class RecordingTrainer(ARPOTrainer):
 
 def make_args(tmp_path, **overrides):
     settings = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=M, initial_rollouts=N,
-        max_completion_length=64, max_tool_calling_iterations=3, max_steps=2, learning_rate=1e-3,
-        logging_steps=1, save_strategy="no", report_to="none", bf16=False, use_cpu=True,
-        gradient_checkpointing=False, seed=0, branch_base_probability=1.0, branch_entropy_weight=0.0,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_generations=M,
+        initial_rollouts=N,
+        max_completion_length=64,
+        max_tool_calling_iterations=3,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        seed=0,
+        branch_base_probability=1.0,
+        branch_entropy_weight=0.0,
         tool_timeout=10,
     )
     settings.update(overrides)
@@ -44,8 +57,15 @@ def make_args(tmp_path, **overrides):
 
 
 def make_trainer(model, tokenizer, args, tools=(calc,), cls=RecordingTrainer, **kwargs):
-    return cls(model=model, reward_funcs=[closeness_reward], args=args, train_dataset=calc_dataset(64),
-               processing_class=tokenizer, tools=list(tools), **kwargs)
+    return cls(
+        model=model,
+        reward_funcs=[closeness_reward],
+        args=args,
+        train_dataset=calc_dataset(64),
+        processing_class=tokenizer,
+        tools=list(tools),
+        **kwargs,
+    )
 
 
 def logged(trainer, key):
@@ -94,9 +114,15 @@ def test_forced_branching_soft_mode(tool_model, tokenizer, tmp_path):
     # the loss trained the model
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.named_parameters())
     # ARPO's metrics reach the logs (and so wandb)
-    for key in ["arpo/branches_per_group", "arpo/fresh_rollouts_per_group", "arpo/entropy_delta_mean",
-                "arpo/branch_probability_mean", "tools/calls_per_completion", "tools/executions_per_completion",
-                "tools/errors"]:
+    for key in [
+        "arpo/branches_per_group",
+        "arpo/fresh_rollouts_per_group",
+        "arpo/entropy_delta_mean",
+        "arpo/branch_probability_mean",
+        "tools/calls_per_completion",
+        "tools/executions_per_completion",
+        "tools/errors",
+    ]:
         assert logged(trainer, key), key
     assert logged(trainer, "arpo/branches_per_group") == [M - N, M - N]
     assert logged(trainer, "arpo/branch_probability_mean") == [1.0, 1.0]
@@ -137,8 +163,9 @@ def test_real_sandboxed_python_tool_and_lagged_timing(tool_model, tokenizer, tmp
     from arpo_trl.tools import PythonInterpreter
 
     sandboxed = PythonInterpreter(name="calc", timeout=10)  # the tiny model writes "<calc>4+5+6</calc>": valid Python
-    args = make_args(tmp_path, entropy_timing="lagged", branch_base_probability=0.5, branch_entropy_weight=0.2,
-                     max_steps=1)
+    args = make_args(
+        tmp_path, entropy_timing="lagged", branch_base_probability=0.5, branch_entropy_weight=0.2, max_steps=1
+    )
     trainer = make_trainer(tool_model, tokenizer, args, tools=[sandboxed])
     trainer.train()
     trajs = trainer.batches[0]["rollout"].trajectories
@@ -184,8 +211,9 @@ def test_lora_via_peft_config(tool_model, tokenizer, tmp_path):
     from peft import LoraConfig, PeftModel
 
     args = make_args(tmp_path, max_steps=1, learning_rate=1e-2)
-    trainer = make_trainer(tool_model, tokenizer, args,
-                           peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainer = make_trainer(
+        tool_model, tokenizer, args, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     assert isinstance(trainer.model, PeftModel)
     lora_before = {k: v.clone() for k, v in trainer.model.named_parameters() if "lora_B" in k}
     base_before = {k: v.clone() for k, v in trainer.model.named_parameters() if "lora" not in k}
@@ -212,9 +240,19 @@ def test_checkpoint_save_and_resume(tool_model, tokenizer, tmp_path):
 
 
 def test_drop_in_with_a_plain_grpo_config(tool_model, tokenizer, tmp_path):
-    args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=M,
-                      max_completion_length=64, max_steps=1, report_to="none", bf16=False, use_cpu=True,
-                      gradient_checkpointing=False, save_strategy="no", logging_steps=1)
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_generations=M,
+        max_completion_length=64,
+        max_steps=1,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        logging_steps=1,
+    )
     trainer = make_trainer(tool_model, tokenizer, args)
     assert isinstance(trainer.args, ARPOConfig) and trainer.args.initial_rollouts == M // 2
     trainer.train()
@@ -223,9 +261,15 @@ def test_drop_in_with_a_plain_grpo_config(tool_model, tokenizer, tmp_path):
 
 def test_evaluation_keeps_plain_sampling_with_tools(tool_model, tokenizer, tmp_path):
     args = make_args(tmp_path, per_device_eval_batch_size=4, num_generations_eval=2)
-    trainer = ARPOTrainer(model=tool_model, reward_funcs=[closeness_reward], args=args,
-                          train_dataset=calc_dataset(8), eval_dataset=calc_dataset(4, seed=1),
-                          processing_class=tokenizer, tools=[calc])
+    trainer = ARPOTrainer(
+        model=tool_model,
+        reward_funcs=[closeness_reward],
+        args=args,
+        train_dataset=calc_dataset(8),
+        eval_dataset=calc_dataset(4, seed=1),
+        processing_class=tokenizer,
+        tools=[calc],
+    )
     metrics = trainer.evaluate()
     record = trainer.last_rollout
     assert record.mode == "eval" and record.stats.branches == 0
@@ -257,8 +301,9 @@ class FirstTurnScripted:
         from arpo_trl.rollout.engine import Segment
 
         scripted = ["<tool_response>" not in self.tok.decode(p) for p in prefixes]
-        sampled = self.inner([p for p, s in zip(prefixes, scripted) if not s],
-                             [b for b, s in zip(max_new_tokens, scripted) if not s])
+        sampled = self.inner(
+            [p for p, s in zip(prefixes, scripted) if not s], [b for b, s in zip(max_new_tokens, scripted) if not s]
+        )
         out = []
         for s in scripted:
             out.append(Segment(list(self.call_ids), [0.0] * len(self.call_ids), "eos") if s else sampled.pop(0))

@@ -305,5 +305,15 @@ class TreeRollout:
                 stats.duplicates += 1
 
 
-__all__ = ["BRANCH", "DUPLICATE", "FRESH", "ROOT", "Generator", "RolloutSettings", "RolloutStats", "Segment",
-           "ToolProtocol", "TreeRollout"]
+__all__ = [
+    "BRANCH",
+    "DUPLICATE",
+    "FRESH",
+    "ROOT",
+    "Generator",
+    "RolloutSettings",
+    "RolloutStats",
+    "Segment",
+    "ToolProtocol",
+    "TreeRollout",
+]

@@ -73,7 +73,9 @@ class ChatTemplateProtocol:
             name = function.get("name") or "unknown"
             arguments = function.get("arguments")
             if tool_call.get("type", "function") != "function":
-                calls.append(ToolCall(name, {}, parse_error=f"Error: unsupported tool call type {tool_call.get('type')!r}."))
+                calls.append(
+                    ToolCall(name, {}, parse_error=f"Error: unsupported tool call type {tool_call.get('type')!r}.")
+                )
             elif not isinstance(arguments, dict):
                 calls.append(ToolCall(name, {}, parse_error=f"Error: arguments of {name!r} are not a JSON object."))
             else:

@@ -31,21 +31,45 @@ class CountingTrainer(ARPOTrainer):
 def main(output_dir: str, extra: list[str]) -> None:
     tok = load_tokenizer()
     args = ARPOConfig(
-        output_dir=output_dir, per_device_train_batch_size=4, num_generations=4, initial_rollouts=2,
-        max_completion_length=64, max_tool_calling_iterations=3, max_steps=2, learning_rate=1e-3, logging_steps=1,
-        save_strategy="no", report_to="none", bf16=False, gradient_checkpointing=False, seed=0,
-        branch_entropy_weight=0.0, use_cpu=True,
+        output_dir=output_dir,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        initial_rollouts=2,
+        max_completion_length=64,
+        max_tool_calling_iterations=3,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        gradient_checkpointing=False,
+        seed=0,
+        branch_entropy_weight=0.0,
+        use_cpu=True,
         **json.loads(extra[0]) if extra else {},
     )
-    trainer = CountingTrainer(model=tool_sft(tok), reward_funcs=[closeness_reward], args=args,
-                              train_dataset=calc_dataset(64), processing_class=tok, tools=[calc])
+    trainer = CountingTrainer(
+        model=tool_sft(tok),
+        reward_funcs=[closeness_reward],
+        args=args,
+        train_dataset=calc_dataset(64),
+        processing_class=tok,
+        tools=[calc],
+    )
     rank = trainer.accelerator.process_index
     trainer.branch_policy.alpha = 1.0 if rank == 0 else 0.0
     trainer.train()
-    report = {"rank": rank, "world": trainer.accelerator.num_processes, "generate_calls": trainer.generator.calls,
-              "idle_calls": trainer.generator.idle_calls,
-              "rounds": trainer.rounds, "branches": trainer.branches, "global_step": trainer.state.global_step,
-              "distributed_type": str(trainer.accelerator.distributed_type)}
+    report = {
+        "rank": rank,
+        "world": trainer.accelerator.num_processes,
+        "generate_calls": trainer.generator.calls,
+        "idle_calls": trainer.generator.idle_calls,
+        "rounds": trainer.rounds,
+        "branches": trainer.branches,
+        "global_step": trainer.state.global_step,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+    }
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
 
