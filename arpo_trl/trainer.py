@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 import textwrap
 import warnings
@@ -279,6 +280,37 @@ class ARPOTrainer(GRPOTrainer):
         metrics["tools/errors"].append(errors)
         metrics["tools/timeouts"].append(timeouts)
         metrics["tools/call_limit_hits"].append(limit_hits)
+
+    # ------------------------------------------------------------------ model card
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
+        """TRL's card (ARPO in its tags, ARPO's citation), plus the ARPO settings this model was trained with."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        a = self.args
+        rows = [
+            ("M (`num_generations`)", a.num_generations),
+            ("N (`initial_rollouts`)", a.initial_rollouts),
+            ("Z (`branch_factor`)", a.branch_factor),
+            ("k (`entropy_window`)", a.entropy_window),
+            ("α (`branch_base_probability`)", a.branch_base_probability),
+            ("β (`branch_entropy_weight`)", a.branch_entropy_weight),
+            ("`branch_rule`", a.branch_rule + (f" (τ = {a.branch_threshold})" if a.branch_rule == "threshold" else "")),
+            ("`entropy_timing`", a.entropy_timing),
+            ("`entropy_normalization`", a.entropy_normalization),
+            ("`advantage_attribution`", a.advantage_attribution),
+            ("`rollout_fill`", a.rollout_fill),
+            ("`tool_format`", a.tool_format),
+            ("tools", ", ".join(f"`{name}`" for name in tools_by_name(self.arpo_tools)) or "none"),
+            ("`max_tool_calling_iterations`", a.max_tool_calling_iterations),
+            ("`max_completion_length`", a.max_completion_length),
+            ("`learning_rate`", a.learning_rate),
+            ("KL `beta`", a.beta),
+            ("`loss_type`", a.loss_type),
+        ]
+        table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+        with open(os.path.join(a.output_dir, "README.md"), "a") as f:
+            f.write(f"\n## ARPO settings\n\n| Setting | Value |\n|---|---|\n{table}\n")
 
     # ------------------------------------------------------------------ advantages
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
