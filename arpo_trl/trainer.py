@@ -204,7 +204,8 @@ class ARPOTrainer(GRPOTrainer):
             self.tool_protocol,
             self.tool_executor,
             self.branch_policy,
-            vocab_size=self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0],
+            # From the config: under ZeRO-3 the LM head's weight is partitioned and its local shape is empty.
+            vocab_size=self.model.config.get_text_config().vocab_size,
             eos_token_id=self._tokenizer.eos_token_id,
             any_active=self._any_process_active,
         )

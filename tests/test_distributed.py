@@ -1,4 +1,5 @@
-"""A real 2-process run (`accelerate launch`, gloo on CPU) whose ranks branch differently on purpose."""
+"""Real 2-process runs (`accelerate launch` on CPU) whose ranks branch differently on purpose: DDP over gloo, and
+DeepSpeed ZeRO-2 / ZeRO-3 on DeepSpeed's CPU accelerator."""
 
 import json
 import os
@@ -19,33 +20,25 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_ranks_with_different_trees_make_the_same_generate_calls(tmp_path, tool_model_state):
+@pytest.mark.parametrize("backend", ["ddp", "zero2", "zero3"])
+def test_two_ranks_with_different_trees_make_the_same_generate_calls(backend, tmp_path, tool_model_state):
     # tool_model_state: the cached SFT model exists before both ranks load it.
     accelerate = Path(sys.executable).with_name("accelerate")
-    # --multi_gpu selects accelerate's torchrun launcher; with use_cpu=True the processes run on CPU over gloo.
-    cmd = [
-        str(accelerate),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(SCRIPT),
-        str(tmp_path),
-    ]
+    if backend == "ddp":
+        # --multi_gpu selects accelerate's torchrun launcher; with use_cpu=True the processes run on CPU over gloo.
+        launch = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    else:
+        # Under ZeRO-3 every generate call gathers the partitioned parameters collectively: a rank that skipped a
+        # round would leave the other waiting forever.
+        launch = ["--config_file", str(SCRIPT.parent / f"accelerate_cpu_{backend}.yaml")]
+    cmd = [str(accelerate), "launch", *launch, "--main_process_port", str(free_port()), str(SCRIPT), str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in reports] == [2, 2]
-    assert all(r["distributed_type"] == "DistributedType.MULTI_CPU" for r in reports)
+    expected = "DistributedType.MULTI_CPU" if backend == "ddp" else "DistributedType.DEEPSPEED"
+    assert all(r["distributed_type"] == expected for r in reports)
     assert all(r["global_step"] == 2 for r in reports)
     # rank 0 forks at every decision, rank 1 never: different trees...
     assert reports[0]["branches"] > 0 and reports[1]["branches"] == 0
