@@ -1,0 +1,78 @@
+"""`log_rollout_trees` called from inside a real `ARPOTrainer.train()` step, reporting to a real (offline) wandb."""
+
+import re
+
+import pytest
+import torch
+
+from arpo_trl import ARPOConfig, ARPOTrainer
+from arpo_trl.testing import calc, calc_dataset, closeness_reward
+from arpo_trl.viz import log_rollout_trees
+from arpo_trl.viz.hook import TREES_DIR, WANDB_KEY
+
+M, N = 4, 2
+
+
+class TreeLoggingTrainer(ARPOTrainer):
+    """Wires the hook the way the trainer will: rewards from `_calculate_rewards`, Â_i from TRL's output."""
+
+    def _calculate_rewards(self, *args, **kwargs):
+        self._rewards_per_func = super()._calculate_rewards(*args, **kwargs)
+        return self._rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        rewards = (self._rewards_per_func * self.reward_weights.to(self._rewards_per_func.device)).nansum(dim=1)
+        self.seen = (self.last_rollout, rewards.clone(), out["advantages"].clone())
+        self.tree_path = log_rollout_trees(self, self.last_rollout, rewards, out["advantages"],
+                                           step=self.state.global_step, max_prompts=1)  # fmt: skip
+        return out
+
+
+@pytest.fixture
+def offline_wandb(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_PROJECT", "arpo-viz-test")
+    import wandb
+
+    yield tmp_path
+    if wandb.run is not None:
+        wandb.finish()
+
+
+def test_trainer_step_writes_the_page_and_logs_it_to_wandb(tool_model, tokenizer, tmp_path, offline_wandb):
+    import wandb
+
+    args = ARPOConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=M, initial_rollouts=N,
+        max_completion_length=48, max_tool_calling_iterations=2, max_steps=1, learning_rate=1e-3, logging_steps=1,
+        save_strategy="no", report_to="wandb", bf16=False, use_cpu=True, seed=0, branch_base_probability=1.0,
+        branch_entropy_weight=0.0, tool_timeout=10,
+    )  # fmt: skip
+    trainer = TreeLoggingTrainer(model=tool_model, reward_funcs=[closeness_reward], args=args,
+                                 train_dataset=calc_dataset(16), processing_class=tokenizer, tools=[calc])  # fmt: skip
+    trainer.train()
+    record, rewards, advantages = trainer.seen
+    path = trainer.tree_path
+    assert path == tmp_path / "out" / TREES_DIR / "step-000000.html"
+    page = path.read_text(encoding="utf-8")
+    # one prompt drawn (max_prompts=1): its M leaves carry the trainer's rewards and GRPO advantages
+    leaves = re.findall(r'<g class="leaf" data-slot="(\d+)" data-reward="([^"]+)" data-advantage="([^"]+)"', page)
+    assert [int(s) for s, _, _ in leaves] == list(range(M))
+    for slot, reward, advantage in leaves:
+        assert float(reward) == pytest.approx(float(rewards[int(slot)]))
+        assert float(advantage) == pytest.approx(float(advantages[int(slot)]))
+    assert torch.count_nonzero(advantages) > 0 or rewards.std() == 0
+    assert page.count('<svg class="tree"') == 1 and "step 0" in page
+    assert "α: 1.0" in page and "β: 0.0" in page and f"branches: {record.stats.branches}" in page
+    assert record.stats.branches == 2 * (M - N) and page.count(">fork<") >= M - N  # fork edges of prompt 0
+    # wandb (offline run): the same page, as an HTML media file, with nothing injected (no remote stylesheet)
+    assert wandb.run is not None
+    run_dir = wandb.run.dir
+    wandb.finish()
+    media = list((tmp_path / "wandb").glob(f"offline-run-*/files/media/html/{WANDB_KEY}_*.html"))
+    assert len(media) == 1, list((tmp_path / "wandb").rglob("*.html"))
+    assert str(media[0]).startswith(str(run_dir).rsplit("/files", 1)[0])
+    assert media[0].read_text(encoding="utf-8") == page
