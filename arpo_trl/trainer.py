@@ -314,8 +314,32 @@ class ARPOTrainer(GRPOTrainer):
             f.write(f"\n## ARPO settings\n\n| Setting | Value |\n|---|---|\n{table}\n")
 
     # ------------------------------------------------------------------ advantages
+    def _calculate_rewards(self, *args, **kwargs):
+        rewards_per_func = super()._calculate_rewards(*args, **kwargs)
+        self._last_rewards_per_func = rewards_per_func  # gathered over processes: kept for the rollout-tree pages
+        return rewards_per_func
+
+    def _maybe_log_rollout_trees(self, advantages: torch.Tensor) -> None:
+        """Every `log_rollout_trees` logging steps, render this batch's trees (`arpo_trl.viz`), main process only."""
+        every = self.args.log_rollout_trees
+        if not every or not self.model.training or self.last_rollout is None:
+            return
+        step = self.state.global_step
+        if step % (every * max(1, self.args.logging_steps)) or getattr(self, "_trees_logged_at", None) == step:
+            return
+        self._trees_logged_at = step
+        per_func = self._last_rewards_per_func
+        rewards = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)
+        if self.accelerator.is_main_process:
+            from .viz import log_rollout_trees
+
+            log_rollout_trees(
+                self, self.last_rollout, rewards, advantages, step, max_prompts=self.args.log_rollout_trees_prompts
+            )
+
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
+        self._maybe_log_rollout_trees(output["advantages"])  # (B,) sequence advantages, before hard attribution
         if self.model.training and self.args.advantage_attribution == "hard":
             record = self.last_rollout
             lengths = torch.tensor([len(t.completion_ids) for t in record.trajectories], device=self.accelerator.device)

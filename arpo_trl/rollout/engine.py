@@ -192,7 +192,7 @@ class TreeRollout:
                 if traj.awaiting_entropy:  # after_tool: this segment follows tool result t
                     traj.awaiting_entropy = False
                     forks += self._maybe_branch(traj, window, pool, stats)
-                traj.extend(seg.ids, sampled=True)
+                traj.extend(seg.ids, sampled=True, entropies=seg.entropies)
                 calls = self.protocol.calls(traj, seg)
                 if calls:
                     calling.append((traj, calls, window))

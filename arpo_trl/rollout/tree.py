@@ -9,6 +9,7 @@ longer use it. Each slot ends holding exactly one finished trajectory, so the gr
 from __future__ import annotations
 
 import copy
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,7 @@ class Trajectory:
     kind: str = ROOT
     completion_ids: list[int] = field(default_factory=list)
     tool_mask: list[int] = field(default_factory=list)  # 1: sampled by the model, 0: written by the environment
+    token_entropies: list[float] = field(default_factory=list)  # H of each token's distribution; NaN for env tokens
     messages: list[dict[str, Any]] = field(default_factory=list)  # chat_template format: the turns so far
     tool_rounds: int = 0
     tool_events: list[ToolEvent] = field(default_factory=list)
@@ -60,9 +62,10 @@ class Trajectory:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def extend(self, ids: list[int], sampled: bool) -> None:
+    def extend(self, ids: list[int], sampled: bool, entropies: list[float] | None = None) -> None:
         self.completion_ids.extend(ids)
         self.tool_mask.extend([1 if sampled else 0] * len(ids))
+        self.token_entropies.extend(entropies if entropies is not None else [math.nan] * len(ids))
 
     def fork(self, slot: int) -> Trajectory:
         """A branch in `slot` sharing this trajectory's tokens exactly; the tools already run are not re-run."""
@@ -72,6 +75,7 @@ class Trajectory:
             kind=BRANCH,
             completion_ids=list(self.completion_ids),
             tool_mask=list(self.tool_mask),
+            token_entropies=list(self.token_entropies),
             messages=copy.deepcopy(self.messages),
             tool_rounds=self.tool_rounds,
             tool_events=[dataclass_replace_inherited(e) for e in self.tool_events],

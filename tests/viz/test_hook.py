@@ -7,26 +7,22 @@ import torch
 
 from arpo_trl import ARPOConfig, ARPOTrainer
 from arpo_trl.testing import calc, calc_dataset, closeness_reward
-from arpo_trl.viz import log_rollout_trees
 from arpo_trl.viz.hook import TREES_DIR, WANDB_KEY
 
 M, N = 4, 2
 
 
 class TreeLoggingTrainer(ARPOTrainer):
-    """Wires the hook the way the trainer will: rewards from `_calculate_rewards`, Â_i from TRL's output."""
+    """Records what the built-in hook (`log_rollout_trees=1`) was given, to check the page against it."""
 
     def _calculate_rewards(self, *args, **kwargs):
         self._rewards_per_func = super()._calculate_rewards(*args, **kwargs)
         return self._rewards_per_func
 
-    def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
+    def _maybe_log_rollout_trees(self, advantages):
         rewards = (self._rewards_per_func * self.reward_weights.to(self._rewards_per_func.device)).nansum(dim=1)
-        self.seen = (self.last_rollout, rewards.clone(), out["advantages"].clone())
-        self.tree_path = log_rollout_trees(self, self.last_rollout, rewards, out["advantages"],
-                                           step=self.state.global_step, max_prompts=1)  # fmt: skip
-        return out
+        self.seen = (self.last_rollout, rewards.clone(), advantages.clone())
+        super()._maybe_log_rollout_trees(advantages)
 
 
 @pytest.fixture
@@ -49,14 +45,14 @@ def test_trainer_step_writes_the_page_and_logs_it_to_wandb(tool_model, tokenizer
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=M, initial_rollouts=N,
         max_completion_length=48, max_tool_calling_iterations=2, max_steps=1, learning_rate=1e-3, logging_steps=1,
         save_strategy="no", report_to="wandb", bf16=False, use_cpu=True, seed=0, branch_base_probability=1.0,
-        branch_entropy_weight=0.0, tool_timeout=10,
+        branch_entropy_weight=0.0, tool_timeout=10, log_rollout_trees=1, log_rollout_trees_prompts=1,
     )  # fmt: skip
     trainer = TreeLoggingTrainer(model=tool_model, reward_funcs=[closeness_reward], args=args,
                                  train_dataset=calc_dataset(16), processing_class=tokenizer, tools=[calc])  # fmt: skip
     trainer.train()
     record, rewards, advantages = trainer.seen
-    path = trainer.tree_path
-    assert path == tmp_path / "out" / TREES_DIR / "step-000000.html"
+    path = tmp_path / "out" / TREES_DIR / "step-000000.html"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["step-000000.html"]
     page = path.read_text(encoding="utf-8")
     # one prompt drawn (max_prompts=1): its M leaves carry the trainer's rewards and GRPO advantages
     leaves = re.findall(r'<g class="leaf" data-slot="(\d+)" data-reward="([^"]+)" data-advantage="([^"]+)"', page)
