@@ -1,6 +1,7 @@
 """`python -m arpo_trl.train --config recipe.yaml` with CLI overrides, LoRA flags, wandb offline and the model card."""
 
 import json
+import time
 from pathlib import Path
 
 import yaml
@@ -54,6 +55,9 @@ def test_yaml_recipe_with_overrides_trains_logs_to_wandb_and_writes_the_card(
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    wandb.teardown()  # wandb caches its settings (WANDB_DIR) per process: start from this test's environment
 
     trainer = main(
         [
@@ -71,9 +75,8 @@ def test_yaml_recipe_with_overrides_trains_logs_to_wandb_and_writes_the_card(
             "v_proj",
         ]
     )
-    import wandb
-
     wandb.finish()
+    wandb.teardown()
 
     assert isinstance(trainer, ARPOTrainer) and isinstance(trainer.model, PeftModel)
     assert trainer.state.global_step == 1  # the CLI won over the YAML's 5
@@ -82,17 +85,23 @@ def test_yaml_recipe_with_overrides_trains_logs_to_wandb_and_writes_the_card(
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
     # wandb (offline) recorded ARPO's and the tools' metrics
-    runs = list(Path(tmp_path, "wandb").glob("offline-run-*/run-*.wandb"))
-    assert runs, list(Path(tmp_path).rglob("*"))
-    blob = runs[0].read_bytes()
-    for key in [
+    keys = [
         b"arpo/branches_per_group",
         b"arpo/fresh_rollouts_per_group",
         b"tools/calls_per_completion",
         b"tools/executions_per_completion",
         b"tools/errors",
-    ]:
-        assert key in blob, key
+    ]
+
+    def run_file_has_all_keys() -> bool:
+        blobs = [p.read_bytes() for p in Path(tmp_path, "wandb").glob("offline-run-*/run-*.wandb")]
+        return any(all(k in blob for k in keys) for blob in blobs)
+
+    # wandb's service writes the offline run file asynchronously, even after finish(): wait for it (bounded)
+    deadline = time.monotonic() + 60
+    while not run_file_has_all_keys() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert run_file_has_all_keys(), sorted(str(p) for p in Path(tmp_path).rglob("*.wandb"))
 
     # the card push_to_hub would upload: ARPO in its tags, the key settings, the citation
     trainer.create_model_card(dataset_name="calc")

@@ -1,6 +1,7 @@
 """`log_rollout_trees` called from inside a real `ARPOTrainer.train()` step, reporting to a real (offline) wandb."""
 
 import re
+import time
 
 import pytest
 import torch
@@ -33,9 +34,11 @@ def offline_wandb(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_PROJECT", "arpo-viz-test")
     import wandb
 
+    wandb.teardown()  # wandb caches its settings (WANDB_DIR) per process: start from this test's environment
     yield tmp_path
     if wandb.run is not None:
         wandb.finish()
+    wandb.teardown()
 
 
 def test_trainer_step_writes_the_page_and_logs_it_to_wandb(tool_model, tokenizer, tmp_path, offline_wandb):
@@ -68,7 +71,11 @@ def test_trainer_step_writes_the_page_and_logs_it_to_wandb(tool_model, tokenizer
     assert wandb.run is not None
     run_dir = wandb.run.dir
     wandb.finish()
-    media = list((tmp_path / "wandb").glob(f"offline-run-*/files/media/html/{WANDB_KEY}_*.html"))
+    pattern = f"offline-run-*/files/media/html/{WANDB_KEY}_*.html"
+    deadline = time.monotonic() + 60  # wandb's service moves media files asynchronously, even after finish()
+    while not list((tmp_path / "wandb").glob(pattern)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    media = list((tmp_path / "wandb").glob(pattern))
     assert len(media) == 1, list((tmp_path / "wandb").rglob("*.html"))
     assert str(media[0]).startswith(str(run_dir).rsplit("/files", 1)[0])
     assert media[0].read_text(encoding="utf-8") == page
