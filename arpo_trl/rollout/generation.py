@@ -38,6 +38,34 @@ class _FirstStop(StoppingCriteria):
         return fired
 
 
+def split_segments(
+    new_ids: torch.Tensor,
+    entropies: torch.Tensor | None,
+    max_new_tokens: list[int],
+    eos_token_ids: list[int],
+    stop: _FirstStop | None,
+    prompt_width: int,
+) -> list[Segment]:
+    """Cut each row of a batched `generate` output at its own end: the first EOS (kept), the stop string that fired
+    first, or the row's own budget, whichever comes first; the entropies are cut alike."""
+    new_ids = new_ids.cpu()
+    entropies = torch.zeros(new_ids.shape) if entropies is None else entropies.cpu()
+    eos = torch.tensor(eos_token_ids)
+    segments = []
+    for i, limit in enumerate(max_new_tokens):
+        ids = new_ids[i]
+        end, finish = min(limit, ids.numel()), "length"
+        is_eos = torch.isin(ids[:end], eos).nonzero()
+        if is_eos.numel():
+            end, finish = int(is_eos[0]) + 1, "eos"
+        if stop is not None and stop.first is not None and stop.first[i] >= 0:
+            stop_end = int(stop.first[i]) - prompt_width
+            if stop_end < end or (stop_end == end and finish == "length"):
+                end, finish = stop_end, "stop"
+        segments.append(Segment(ids[:end].tolist(), entropies[i, :end].tolist(), finish))
+    return segments
+
+
 class TransformersGenerator:
     """Continues token prefixes with the trainer's model, sampling config and distributed wrapping."""
 
@@ -96,21 +124,5 @@ class TransformersGenerator:
             entropies = self.recorder.disarm()
         if dummy:
             return []
-        new = output[:, input_ids.shape[1] :].cpu()
-        if entropies is None:
-            entropies = torch.zeros(new.shape, dtype=torch.float32)
-        entropies = entropies.cpu()
-        eos = torch.tensor(t.eos_token_ids)
-        segments = []
-        for i, limit in enumerate(max_new_tokens):
-            ids = new[i]
-            end, finish = min(limit, ids.numel()), "length"
-            is_eos = torch.isin(ids[:end], eos).nonzero()
-            if is_eos.numel():
-                end, finish = int(is_eos[0]) + 1, "eos"
-            if recorder_stop is not None and recorder_stop.first is not None and recorder_stop.first[i] >= 0:
-                stop_end = int(recorder_stop.first[i]) - input_ids.shape[1]
-                if stop_end < end or (stop_end == end and finish == "length"):
-                    end, finish = stop_end, "stop"
-            segments.append(Segment(ids[:end].tolist(), entropies[i, :end].tolist(), finish))
-        return segments
+        return split_segments(output[:, input_ids.shape[1] :], entropies, max_new_tokens, t.eos_token_ids, recorder_stop,
+                              input_ids.shape[1])  # fmt: skip

@@ -26,7 +26,7 @@ from transformers import GenerationConfig, StoppingCriteriaList, StopStringCrite
 from ..rollout.branching import BranchPolicy
 from ..rollout.engine import RolloutSettings, RolloutStats, Segment, TreeRollout
 from ..rollout.entropy import EntropyRecorder
-from ..rollout.generation import _FirstStop
+from ..rollout.generation import _FirstStop, split_segments
 from ..rollout.protocols import TagProtocol
 from ..rollout.tree import DUPLICATE, Trajectory
 from ..tools import ToolCall, ToolExecutor, ToolResult
@@ -112,22 +112,7 @@ class HFGenerator:
                 )
         finally:
             entropies = self.recorder.disarm()
-        new = output[:, width:].cpu()
-        entropies = torch.zeros(new.shape) if entropies is None else entropies.cpu()
-        eos = torch.tensor(self.eos_ids)
-        segments = []
-        for i, limit in enumerate(max_new_tokens):
-            ids = new[i]
-            end, finish = min(limit, ids.numel()), "length"
-            is_eos = torch.isin(ids[:end], eos).nonzero()
-            if is_eos.numel():
-                end, finish = int(is_eos[0]) + 1, "eos"
-            if first_stop is not None and first_stop.first is not None and first_stop.first[i] >= 0:
-                stop_end = int(first_stop.first[i]) - width
-                if stop_end < end or (stop_end == end and finish == "length"):
-                    end, finish = stop_end, "stop"
-            segments.append(Segment(ids[:end].tolist(), entropies[i, :end].tolist(), finish))
-        return segments
+        return split_segments(output[:, width:], entropies, max_new_tokens, self.eos_ids, first_stop, width)
 
 
 class EntropyTracking:
