@@ -198,13 +198,27 @@ def test_hanging_and_crashing_tools_never_stall_training(tool_model, tokenizer, 
 
     args = make_args(tmp_path, tool_timeout=0.5, max_steps=1)
     trainer = make_trainer(tool_model, tokenizer, args, tools=[calc])
-    start = time.monotonic()
+    rounds = []  # wall time of each tool round: a 30 s hang must not hold one past its 0.5 s timeout
+    run = trainer.tool_executor.run
+
+    def timed_run(calls):
+        start = time.monotonic()
+        results = run(calls)
+        rounds.append((time.monotonic() - start, results))
+        return results
+
+    trainer.tool_executor.run = timed_run
     trainer.train()
-    assert time.monotonic() - start < 25
+    assert rounds and max(seconds for seconds, _ in rounds) < 0.5 + 5  # timeout plus scheduling slack, not 30 s
+    results = [r for _, batch in rounds for r in batch]
+    assert all(r.error for r in results)
     errors, timeouts = logged(trainer, "tools/errors")[0], logged(trainer, "tools/timeouts")[0]
-    assert errors > 0
+    assert errors == len(results) and timeouts == sum(r.timed_out for r in results)
     texts = [tokenizer.decode(t.completion_ids) for t in trainer.batches[0]["rollout"].trajectories]
-    assert any("calculator is broken" in x for x in texts) or timeouts > 0
+    if timeouts:
+        assert any("timed out after 0.5 s" in x for x in texts)
+    if timeouts < len(results):
+        assert any("calculator is broken" in x for x in texts)
 
 
 def test_lora_via_peft_config(tool_model, tokenizer, tmp_path):
