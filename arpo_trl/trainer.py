@@ -142,7 +142,7 @@ class ARPOTrainer(GRPOTrainer):
             max_workers=args.tool_max_workers,
             max_response_chars=args.max_tool_response_chars,
         )
-        self.entropy_recorder = EntropyRecorder(self.temperature)
+        self.entropy_recorder = EntropyRecorder(self.temperature, max_steps=args.entropy_window)
         lm_head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
         lm_head.register_forward_hook(self.entropy_recorder)
         if args.tool_format == "tags":

@@ -45,19 +45,22 @@ def window_entropy(entropies: Sequence[float], k: int, normalization: str, vocab
 
 
 class EntropyRecorder:
-    """Forward hook on the LM head that records the entropy of every sampled position while armed.
+    """Forward hook on the LM head that records the entropy of each sampled position while armed.
 
     `generate` calls the LM head once per decoding step; the hook reads the last position's logits and appends
     a (rows,) tensor. No extra forward pass is made. Disarmed (the default), it does nothing, so training
     forwards are unaffected.
     """
 
-    def __init__(self, temperature: float) -> None:
+    def __init__(self, temperature: float, max_steps: int | None = None) -> None:
         self.temperature = temperature
+        # ARPO reads only the first k entropies of each segment, and every segment starts with a generate call:
+        # recording stops after `max_steps` decoding steps (None: record them all).
+        self.max_steps = max_steps
         self._steps: list[torch.Tensor] | None = None
 
     def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if self._steps is None:
+        if self._steps is None or (self.max_steps is not None and len(self._steps) >= self.max_steps):
             return
         logits = output[0] if isinstance(output, tuple) else output
         self._steps.append(token_entropy(logits[:, -1, :].detach(), self.temperature))
