@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> ARPOTrainer:
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    # Finish the trackers and destroy the process group: exiting with live communicator threads can abort a rank.
+    trainer.end()
     return trainer
 
 

@@ -72,6 +72,7 @@ def main(output_dir: str, extra: list[str]) -> None:
     }
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
+    trainer.end()  # destroy the process group before exit (else a rank can abort while tearing down its threads)
 
 
 if __name__ == "__main__":
