@@ -29,7 +29,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "entropy_normalization": ("sum_lnV", "mean", "sum_V"),
     "branch_rule": ("bernoulli", "threshold"),
     "advantage_attribution": ("soft", "hard"),
-    "rollout_fill": ("fresh", "duplicate"),
+    "rollout_fill": ("fresh", "speculative", "duplicate"),
     "tool_format": ("tags", "chat_template"),
     "call_limit_action": ("eos", "message"),
 }
@@ -114,7 +114,10 @@ class ARPOConfig(GRPOConfig):
         default="fresh",
         metadata={
             "help": "Budget left unused by branching: 'fresh' = top up with trajectory-level rollouts from the "
-            "prompt (paper); 'duplicate' = repeat the group's last trajectory (official padding, reproduction only).",
+            "prompt once the group's tree has finished (paper); 'speculative' = start those fresh rollouts with the "
+            "roots, in the free slots, and discard the one whose slot a branch needs (same distribution as 'fresh', "
+            "fewer generation rounds, more tokens sampled); 'duplicate' = repeat the group's last trajectory "
+            "(official padding, reproduction only).",
             "choices": list(_CHOICES["rollout_fill"]),
         },
     )

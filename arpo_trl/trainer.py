@@ -253,6 +253,7 @@ class ARPOTrainer(GRPOTrainer):
             stats.completions,
             stats.branches,
             stats.fresh,
+            stats.discarded,
             stats.duplicates,
             stats.tool_executions,
             sum(len(t.tool_events) for t in trajectories),  # calls seen by each completion, shared ones included
@@ -265,12 +266,14 @@ class ARPOTrainer(GRPOTrainer):
             stats.rounds,
         ]
         total = self.accelerator.gather(torch.tensor([local], dtype=torch.float64, device=device)).sum(0).tolist()
-        (groups, completions, branches, fresh, dups, execs, calls, errors, timeouts, limit_hits, sum_dh, n_dh,
+        (groups, completions, branches, fresh, discarded, dups, execs, calls, errors, timeouts, limit_hits, sum_dh, n_dh,
          sum_p, rounds) = total  # fmt: skip
         groups, completions = max(groups, 1.0), max(completions, 1.0)
         metrics["arpo/branches_per_group"].append(branches / groups)
         metrics["arpo/fresh_rollouts_per_group"].append(fresh / groups)
         metrics["arpo/duplicate_rollouts_per_group"].append(dups / groups)
+        if self.args.rollout_fill == "speculative":
+            metrics["arpo/discarded_rollouts_per_group"].append(discarded / groups)
         metrics["arpo/branch_decisions_per_group"].append(n_dh / groups)
         if n_dh:
             metrics["arpo/entropy_delta_mean"].append(sum_dh / n_dh)

@@ -278,10 +278,10 @@ def install_probes() -> None:
     _patch(ToolExecutor, "run", executor_run)
 
     def generator_call(original):
-        def wrapper(self, prefixes, max_new_tokens):
+        def wrapper(self, prefixes, max_new_tokens, need_entropy=None):
             probe = active()
             with timed("generator_s"):
-                segments = original(self, prefixes, max_new_tokens)
+                segments = original(self, prefixes, max_new_tokens, need_entropy)
             if probe is not None:
                 probe.current.sampled_tokens += sum(len(s.ids) for s in segments)
             return segments
@@ -890,7 +890,7 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.2, help="ARPO entropy weight")
     p.add_argument("--entropy-window", type=int, default=20, help="k")
     p.add_argument("--entropy-timing", choices=["after_tool", "lagged"], default="after_tool")
-    p.add_argument("--rollout-fill", choices=["fresh", "duplicate"], default="fresh")
+    p.add_argument("--rollout-fill", choices=["fresh", "speculative", "duplicate"], default="fresh")
     p.add_argument("--label", default="", help="free text stored with the results (e.g. which arpo_trl was run)")
     p.add_argument("--warmup", type=int, default=1, help="first steps of each run left out of the medians")
     p.add_argument("--schedule", choices=["alternate", "sequential"], default="alternate")

@@ -91,3 +91,24 @@ def test_recorder_stops_after_k_steps_and_segments_stay_aligned():
     assert [len(s.ids) for s in segments] == [5, 3] and [len(s.entropies) for s in segments] == [5, 3]
     assert segments[0].entropies[:3] == pytest.approx([math.log(10)] * 3) and math.isnan(segments[0].entropies[4])
     assert segments[1].finish == "eos"
+
+
+def test_token_entropy_equals_the_definition_on_random_logits():
+    logits = torch.randn(4, 7, 300) * 4
+    for temperature in (1.0, 0.6):
+        p = torch.softmax(logits / temperature, dim=-1)
+        direct = -(p * torch.log(p)).sum(-1)
+        torch.testing.assert_close(token_entropy(logits, temperature), direct, atol=1e-4, rtol=1e-4)
+
+
+def test_recorder_armed_on_some_rows_computes_only_theirs():
+    logits = torch.randn(3, 1, 40)
+    recorder = EntropyRecorder(temperature=1.0)
+    recorder.arm([0, 2])
+    recorder(None, (), logits)
+    recorder(None, (), logits * 2)
+    recorded = recorder.disarm()
+    assert recorded.shape == (3, 2)
+    assert torch.isnan(recorded[1]).all()
+    torch.testing.assert_close(recorded[[0, 2], 0], token_entropy(logits[[0, 2], -1]))
+    torch.testing.assert_close(recorded[[0, 2], 1], token_entropy(2 * logits[[0, 2], -1]))

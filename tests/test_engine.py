@@ -21,9 +21,11 @@ class ScriptedGenerator:
     def __init__(self, tokenizer, calls=2, seed=0, prompt_len=None):
         self.tok, self.calls, self.rng = tokenizer, calls, random.Random(seed)
         self.call_log = []
+        self.need_log = []  # per call: which rows the engine asked entropies for
 
-    def __call__(self, prefixes, max_new_tokens):
+    def __call__(self, prefixes, max_new_tokens, need_entropy=None):
         self.call_log.append(len(prefixes))
+        self.need_log.append(list(need_entropy) if need_entropy is not None else [True] * len(prefixes))
         out = []
         for prefix, budget in zip(prefixes, max_new_tokens):
             done = self.tok.decode(prefix).count("<result>")
@@ -227,3 +229,49 @@ def test_mixed_prompts_inside_a_group_are_refused(tokenizer):
     )
     with pytest.raises(ValueError, match="one prompt repeated"):
         engine.run([[1, 2], [1, 3]])
+
+
+def test_entropy_is_requested_only_for_rows_whose_window_is_read(tokenizer):
+    gen = ScriptedGenerator(tokenizer, calls=2)
+    rollout(tokenizer, m=4, n=2, alpha=0.0, beta=0.0, generator=gen, groups=1)
+    # Round 1: the two roots (H_initial). Round 2: both await their decision at result 1. Round 3: at result 2.
+    # Then the fresh rollouts, which never branch, ask for nothing.
+    assert gen.need_log[:3] == [[True, True]] * 3
+    assert all(not any(needs) for needs in gen.need_log[3:]) and len(gen.need_log) > 3
+
+    # N = M (GRPO): no free slot, so no decision is ever taken and no entropy is ever needed.
+    gen = ScriptedGenerator(tokenizer, calls=2)
+    _, stats = rollout(tokenizer, m=4, n=4, alpha=1.0, beta=0.0, generator=gen, groups=1)
+    assert stats.branches == 0 and not any(any(needs) for needs in gen.need_log)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_speculative_fill_starts_fresh_rollouts_with_the_roots_and_discards_those_branches_need(tokenizer, alpha):
+    m, n, groups = 8, 2, 2
+    gen = ScriptedGenerator(tokenizer, calls=2)
+    beta = 0.3 if 0 < alpha < 1 else 0.0  # α = 0 or 1 with β = 0: never or always branch
+    trajs, stats = rollout(tokenizer, m=m, n=n, alpha=alpha, beta=beta, fill="speculative", generator=gen)
+    assert gen.call_log[0] == groups * m  # every slot samples from round 1 on
+    assert [t.slot for t in trajs] == list(range(groups * m))
+    assert all(t.done and t.finish_reason != "discarded" for t in trajs)
+    kinds = [t.kind for t in trajs]
+    assert kinds.count("root") == groups * n
+    assert stats.branches + stats.fresh == groups * (m - n) == kinds.count("branch") + kinds.count("fresh")
+    # Every free slot was lent at the start, so every branch reclaimed one (highest slot first).
+    assert stats.discarded == stats.branches
+    for g in range(groups):
+        group = trajs[g * m : (g + 1) * m]
+        fresh_slots = [t.slot for t in group if t.kind == "fresh"]
+        branch_slots = [t.slot for t in group if t.kind == "branch"]
+        assert not fresh_slots or not branch_slots or max(fresh_slots) < min(branch_slots)
+    if alpha == 1.0:
+        assert stats.fresh == 0 and stats.discarded == groups * (m - n)
+    if alpha == 0.0:
+        assert stats.discarded == 0 and stats.fresh == groups * (m - n)
+
+
+def test_speculative_fill_needs_fewer_rounds_than_waiting_for_the_tree(tokenizer):
+    _, waiting = rollout(tokenizer, m=8, n=2, alpha=0.0, beta=0.0, calls=2)
+    _, speculative = rollout(tokenizer, m=8, n=2, alpha=0.0, beta=0.0, calls=2, fill="speculative")
+    assert speculative.rounds < waiting.rounds
+    assert speculative.fresh == waiting.fresh == 2 * 6

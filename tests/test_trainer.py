@@ -311,12 +311,15 @@ class FirstTurnScripted:
         self.inner, self.tok = inner, tokenizer
         self.call_ids = tokenizer.encode(call_text, add_special_tokens=False) + [tokenizer.eos_token_id]
 
-    def __call__(self, prefixes, max_new_tokens):
+    def __call__(self, prefixes, max_new_tokens, need_entropy=None):
         from arpo_trl.rollout.engine import Segment
 
         scripted = ["<tool_response>" not in self.tok.decode(p) for p in prefixes]
+        need_entropy = need_entropy or [True] * len(prefixes)
         sampled = self.inner(
-            [p for p, s in zip(prefixes, scripted) if not s], [b for b, s in zip(max_new_tokens, scripted) if not s]
+            [p for p, s in zip(prefixes, scripted) if not s],
+            [b for b, s in zip(max_new_tokens, scripted) if not s],
+            [n for n, s in zip(need_entropy, scripted) if not s],
         )
         out = []
         for s in scripted:

@@ -14,6 +14,14 @@ execution of every tool call those segments asked for:
 4. **Termination.** Branching stops when the group has no free slot. When a group has no live trajectory left
    and free slots remain, they are filled per ``rollout_fill``: ``"fresh"`` starts trajectory-level rollouts
    from the prompt (all at once), ``"duplicate"`` copies the group's last trajectory (official padding, D7).
+   ``"speculative"`` starts those fresh rollouts in round 1 instead, in the free slots; a branch that finds no
+   other free slot reclaims the highest such slot and its fresh rollout is discarded. Fresh rollouts do not
+   depend on the tree and the discarded one is chosen by slot, not content, so the group has the distribution
+   of ``"fresh"``; it needs fewer rounds (the fill no longer waits for the tree) and samples more (the
+   discarded rollouts).
+
+Entropy is computed only for the rows whose window will be read: roots in their first segment (H_initial) and
+trajectories about to decide, in groups that still have a free slot; every other row reads NaN.
 
 Every group ends with exactly M finished trajectories. In a multi-process run, `any_active` reduces the "is any
 trajectory still live" flag over all processes, and a process with nothing to do still calls the generator
@@ -45,10 +53,13 @@ class Generator(Protocol):
     """The backend seam: continue each prefix by at most `max_new_tokens[i]` tokens.
 
     Must return one `Segment` per prefix and must be called even with no prefixes when other processes still
-    generate (collective backends join with a dummy batch).
+    generate (collective backends join with a dummy batch). `need_entropy[i]` False: row i's entropies will not
+    be read (a backend may return NaN for them); None: all are needed.
     """
 
-    def __call__(self, prefixes: list[list[int]], max_new_tokens: list[int]) -> list[Segment]: ...
+    def __call__(
+        self, prefixes: list[list[int]], max_new_tokens: list[int], need_entropy: list[bool] | None = None
+    ) -> list[Segment]: ...
 
 
 class ToolProtocol(Protocol):
@@ -87,7 +98,8 @@ class RolloutStats:
     groups: int = 0
     completions: int = 0
     branches: int = 0
-    fresh: int = 0
+    fresh: int = 0  # fresh rollouts kept in the group
+    discarded: int = 0  # speculative fresh rollouts whose slot a branch reclaimed
     duplicates: int = 0
     rounds: int = 0
     tool_executions: int = 0  # unique: a call inside a shared prefix ran once
@@ -134,6 +146,13 @@ class TreeRollout:
     def _room(self, traj: Trajectory) -> int:
         return self.s.max_completion_length - len(traj.completion_ids)
 
+    def _needs_entropy(self, traj: Trajectory, pool: SlotPool) -> bool:
+        """Will this round's window of `traj` be read? (Free slots only ever decrease, so no means never.)"""
+        s = self.s
+        if not (s.branching and traj.can_branch) or pool.free(traj.group) == 0:
+            return False
+        return traj.h_initial is None or traj.awaiting_entropy or s.entropy_timing == "lagged"
+
     def _maybe_branch(
         self, traj: Trajectory, h_t: float | None, pool: SlotPool, stats: RolloutStats
     ) -> list[Trajectory]:
@@ -151,6 +170,12 @@ class TreeRollout:
             BranchEvent(len(traj.completion_ids), decision.delta_h, decision.probability, list(slots))
         )
         stats.branches += len(slots)
+        for slot in slots:
+            evicted = self._slots[slot]
+            if evicted is not None:  # speculative fill: the slot was lent to a fresh rollout, which leaves
+                evicted.finish_reason = "discarded"
+                stats.fresh -= 1
+                stats.discarded += 1
         return [traj.fork(slot) for slot in slots]
 
     # ------------------------------------------------------------------ main loop
@@ -170,6 +195,7 @@ class TreeRollout:
         num_groups = len(prompt_ids) // m
         stats = RolloutStats(groups=num_groups, completions=len(prompt_ids))
         slots: list[Trajectory | None] = [None] * len(prompt_ids)
+        self._slots = slots
         pool = SlotPool(num_groups, m, s.initial_rollouts)
         live: list[Trajectory] = []
         for g in range(num_groups):
@@ -177,17 +203,25 @@ class TreeRollout:
                 traj = Trajectory(slot=g * m + j, group=g, kind=ROOT)
                 slots[traj.slot] = traj
                 live.append(traj)
+            if s.rollout_fill == "speculative" and s.branching:
+                for slot in pool.lend(g):
+                    slots[slot] = Trajectory(slot=slot, group=g, kind=FRESH, can_branch=False)
+                    live.append(slots[slot])
+                    stats.fresh += 1
 
         while self.any_active(bool(live)):
             stats.rounds += 1
+            needs = [self._needs_entropy(t, pool) for t in live]
             segments = self.generate(
-                [list(prompt_ids[t.slot]) + t.completion_ids for t in live], [self._room(t) for t in live]
+                [list(prompt_ids[t.slot]) + t.completion_ids for t in live], [self._room(t) for t in live], needs
             )
             forks: list[Trajectory] = []
             calling: list[tuple[Trajectory, list[ToolCall], float | None]] = []
-            for traj, seg in zip(live, segments, strict=True):
-                window = self._window(seg.entropies)
-                if traj.h_initial is None:
+            for traj, seg, need in zip(live, segments, needs, strict=True):
+                if traj.done:  # discarded earlier in this loop: its slot went to a branch
+                    continue
+                window = self._window(seg.entropies) if need else None
+                if traj.h_initial is None and need:
                     traj.h_initial = window  # the root's first k tokens
                 if traj.awaiting_entropy:  # after_tool: this segment follows tool result t
                     traj.awaiting_entropy = False
@@ -228,6 +262,8 @@ class TreeRollout:
         s = self.s
         runnable: list[tuple[Trajectory, list[ToolCall], float | None]] = []
         for traj, calls, window in calling:
+            if traj.done:  # discarded this round (its slot went to a branch): its calls are not run
+                continue
             if s.max_tool_rounds is not None and traj.tool_rounds >= s.max_tool_rounds:
                 stats.call_limit_hits += 1
                 if s.call_limit_action == "eos" or self._room(traj) <= 0:
@@ -250,6 +286,8 @@ class TreeRollout:
             stats.tool_executions += len(calls)
             stats.tool_errors += sum(r.error for r in mine)
             stats.tool_timeouts += sum(r.timed_out for r in mine)
+            if traj.done:  # lagged timing: discarded by a fork decided earlier in this loop
+                continue
             ids = self.protocol.result_ids(traj, calls, mine)
             if not self._append_result(traj, ids, calls, mine):
                 continue
@@ -295,6 +333,8 @@ class TreeRollout:
     def _pad_duplicates(self, pool: SlotPool, slots: list[Trajectory | None], stats: RolloutStats) -> None:
         """rollout_fill='duplicate' (official D7): repeat the group's most recent trajectory in unused slots."""
         m = self.s.group_size
+        if self.s.rollout_fill != "duplicate":
+            return
         for g in range(len(slots) // m):
             if not pool.free(g):
                 continue

@@ -49,7 +49,7 @@ def split_segments(
     """Cut each row of a batched `generate` output at its own end: the first EOS (kept), the stop string that fired
     first, or the row's own budget, whichever comes first; the entropies are cut alike."""
     new_ids = new_ids.cpu()
-    entropies = torch.zeros(new_ids.shape) if entropies is None else entropies.cpu()
+    entropies = torch.full(new_ids.shape, float("nan")) if entropies is None else entropies.cpu()
     if entropies.shape[1] < new_ids.shape[1]:  # the recorder stopped after k steps: later tokens are unmeasured
         missing = torch.full((entropies.shape[0], new_ids.shape[1] - entropies.shape[1]), float("nan"))
         entropies = torch.cat([entropies, missing], dim=1)
@@ -86,7 +86,9 @@ class TransformersGenerator:
         self.calls = 0  # generate calls made (equal on every rank in a distributed run)
         self.idle_calls = 0  # of which this rank had no rows and joined with a dummy batch
 
-    def __call__(self, prefixes: list[list[int]], max_new_tokens: list[int]) -> list[Segment]:
+    def __call__(
+        self, prefixes: list[list[int]], max_new_tokens: list[int], need_entropy: list[bool] | None = None
+    ) -> list[Segment]:
         t = self.trainer
         tok = t._tokenizer
         self.calls += 1
@@ -111,7 +113,10 @@ class TransformersGenerator:
 
         # Copied from trl/trainer/grpo_trainer.py:1856-1871 (GRPOTrainer._generate_single_turn, transformers path):
         # that method offers no hook for stopping criteria, per-call budgets or the LM-head entropy hook.
-        self.recorder.arm()
+        # Entropy only for the rows whose window will be read (NaN for the others); none at all if no row needs it.
+        need_rows = [i for i, need in enumerate(need_entropy or [True] * len(prefixes)) if need and not dummy]
+        if need_rows:
+            self.recorder.arm(None if len(need_rows) == len(prefixes) else need_rows)
         try:
             with (
                 unwrap_model_for_generation(
@@ -131,7 +136,7 @@ class TransformersGenerator:
                     stopping_criteria=criteria,
                 )
         finally:
-            entropies = self.recorder.disarm()
+            entropies = self.recorder.disarm() if need_rows else None
         if dummy:
             return []
         return split_segments(output[:, input_ids.shape[1] :], entropies, max_new_tokens, t.eos_token_ids, recorder_stop,

@@ -3,7 +3,8 @@
 A group owns slots [g·M, (g+1)·M). Slots [g·M, g·M + N) start as the N roots (trajectory-level samples); the
 other M − N slots are free. A branch is a copy of a live trajectory's exact token state right after a tool
 result, moved into a free slot; a fresh rollout is a new root placed in a free slot once branching can no
-longer use it. Each slot ends holding exactly one finished trajectory, so the group has exactly M completions.
+longer use it (with speculative fill: from the start, until a branch reclaims the slot). Each slot ends holding
+exactly one finished trajectory, so the group has exactly M completions.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ class Trajectory:
     h_initial: float | None = None  # H of the first k tokens of this tree's root; inherited by branches
     awaiting_entropy: bool = False  # after_tool timing: the next segment's first k tokens decide branching
     last_window: float | None = None  # lagged timing: H of the segment just generated
-    finish_reason: str | None = None  # "eos", "length", "call_limit", "no_room_for_result", "stop"
+    # "eos", "length", "call_limit", "no_room_for_result", "stop"; "discarded": a speculative fresh rollout whose
+    # slot a branch reclaimed (it leaves the group)
+    finish_reason: str | None = None
 
     @property
     def done(self) -> bool:
@@ -99,15 +102,30 @@ def dataclass_replace_inherited(event: ToolEvent) -> ToolEvent:
 
 
 class SlotPool:
-    """Free slots of each group, handed out lowest first (branches, then fresh rollouts)."""
+    """Free slots of each group, handed out lowest first (branches, then fresh rollouts).
+
+    With speculative fill, the free slots are lent at once to fresh rollouts (`lend`); they still count as free,
+    and `take` reclaims them, highest slot first, once no truly free slot is left: the caller discards the
+    fresh rollout living there. The reclaimed slot is chosen by position, never by content.
+    """
 
     def __init__(self, num_groups: int, group_size: int, initial: int) -> None:
         self.group_size = group_size
         self._free = [deque(range(g * group_size + initial, (g + 1) * group_size)) for g in range(num_groups)]
+        self._lent: list[list[int]] = [[] for _ in range(num_groups)]
 
     def free(self, group: int) -> int:
-        return len(self._free[group])
+        return len(self._free[group]) + len(self._lent[group])
 
     def take(self, group: int, count: int) -> list[int]:
-        count = min(count, len(self._free[group]))
-        return [self._free[group].popleft() for _ in range(count)]
+        taken = [self._free[group].popleft() for _ in range(min(count, len(self._free[group])))]
+        while len(taken) < count and self._lent[group]:
+            taken.append(self._lent[group].pop())
+        return taken
+
+    def lend(self, group: int) -> list[int]:
+        """Lend every free slot of `group` to speculative fresh rollouts; they stay reclaimable by `take`."""
+        slots = list(self._free[group])
+        self._free[group].clear()
+        self._lent[group].extend(slots)
+        return slots

@@ -87,7 +87,10 @@ class HFGenerator:
         """Remove the LM-head hook."""
         self._handle.remove()
 
-    def __call__(self, prefixes: list[list[int]], max_new_tokens: list[int]) -> list[Segment]:
+    def __call__(
+        self, prefixes: list[list[int]], max_new_tokens: list[int], need_entropy: list[bool] | None = None
+    ) -> list[Segment]:
+        # The analyser measures every token of every row, so `need_entropy` is ignored.
         if not prefixes:
             return []
         self.calls += 1
