@@ -121,6 +121,14 @@ class ARPOConfig(GRPOConfig):
             "choices": list(_CHOICES["rollout_fill"]),
         },
     )
+    speculative_forks: bool = field(
+        default=False,
+        metadata={
+            "help": "With entropy_timing='after_tool': sample Z copies of the state after each tool result in the "
+            "same round as the parent's continuation, keep them if the decision forks, else discard them. Same "
+            "distribution as forking one round later, fewer generation rounds, more tokens sampled."
+        },
+    )
     tool_format: str = field(
         default="tags",
         metadata={
@@ -178,6 +186,11 @@ class ARPOConfig(GRPOConfig):
             raise ValueError(
                 f"initial_rollouts (N={self.initial_rollouts}) cannot exceed num_generations (M={m}), "
                 "the global budget per prompt"
+            )
+        if self.speculative_forks and self.entropy_timing != "after_tool":
+            raise ValueError(
+                "speculative_forks=True needs entropy_timing='after_tool' (with 'lagged' the decision is taken at "
+                f"the tool result and forks already start in the next round), got entropy_timing={self.entropy_timing!r}"
             )
         if self.branch_factor < 1:
             raise ValueError(f"branch_factor (Z) must be at least 1, got {self.branch_factor}")

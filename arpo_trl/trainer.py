@@ -168,6 +168,7 @@ class ARPOTrainer(GRPOTrainer):
             entropy_timing=a.entropy_timing,
             entropy_normalization=a.entropy_normalization,
             rollout_fill=a.rollout_fill,
+            speculative_forks=a.speculative_forks,
             branching=train,  # evaluation keeps plain trajectory sampling
             max_completion_length=self.max_completion_length,
             max_tool_rounds=a.max_tool_calling_iterations,
@@ -254,6 +255,7 @@ class ARPOTrainer(GRPOTrainer):
             stats.branches,
             stats.fresh,
             stats.discarded,
+            stats.discarded_forks,
             stats.duplicates,
             stats.tool_executions,
             sum(len(t.tool_events) for t in trajectories),  # calls seen by each completion, shared ones included
@@ -266,14 +268,16 @@ class ARPOTrainer(GRPOTrainer):
             stats.rounds,
         ]
         total = self.accelerator.gather(torch.tensor([local], dtype=torch.float64, device=device)).sum(0).tolist()
-        (groups, completions, branches, fresh, discarded, dups, execs, calls, errors, timeouts, limit_hits, sum_dh, n_dh,
-         sum_p, rounds) = total  # fmt: skip
+        (groups, completions, branches, fresh, discarded, discarded_forks, dups, execs, calls, errors, timeouts,
+         limit_hits, sum_dh, n_dh, sum_p, rounds) = total  # fmt: skip
         groups, completions = max(groups, 1.0), max(completions, 1.0)
         metrics["arpo/branches_per_group"].append(branches / groups)
         metrics["arpo/fresh_rollouts_per_group"].append(fresh / groups)
         metrics["arpo/duplicate_rollouts_per_group"].append(dups / groups)
         if self.args.rollout_fill == "speculative":
-            metrics["arpo/discarded_rollouts_per_group"].append(discarded / groups)
+            metrics["arpo/discarded_fresh_per_group"].append(discarded / groups)
+        if self.args.speculative_forks:
+            metrics["arpo/discarded_forks_per_group"].append(discarded_forks / groups)
         metrics["arpo/branch_decisions_per_group"].append(n_dh / groups)
         if n_dh:
             metrics["arpo/entropy_delta_mean"].append(sum_dh / n_dh)
@@ -304,6 +308,7 @@ class ARPOTrainer(GRPOTrainer):
             ("`entropy_normalization`", a.entropy_normalization),
             ("`advantage_attribution`", a.advantage_attribution),
             ("`rollout_fill`", a.rollout_fill),
+            ("`speculative_forks`", a.speculative_forks),
             ("`tool_format`", a.tool_format),
             ("tools", ", ".join(f"`{name}`" for name in tools_by_name(self.arpo_tools)) or "none"),
             ("`max_tool_calling_iterations`", a.max_tool_calling_iterations),

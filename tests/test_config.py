@@ -80,3 +80,9 @@ def test_yaml_recipe_parses_into_arpo_config(tmp_path):
     )
     (config,) = TrlParser((ARPOConfig,)).parse_args_and_config(["--config", str(recipe), "--branch_factor", "2"])
     assert (config.initial_rollouts, config.advantage_attribution, config.branch_factor) == (1, "hard", 2)
+
+
+def test_speculative_forks_need_after_tool_timing():
+    with pytest.raises(ValueError, match="speculative_forks=True needs entropy_timing='after_tool'"):
+        ARPOConfig(**BASE, speculative_forks=True, entropy_timing="lagged")
+    assert ARPOConfig(**BASE, speculative_forks=True, rollout_fill="speculative").speculative_forks

@@ -275,3 +275,35 @@ def test_speculative_fill_needs_fewer_rounds_than_waiting_for_the_tree(tokenizer
     _, speculative = rollout(tokenizer, m=8, n=2, alpha=0.0, beta=0.0, calls=2, fill="speculative")
     assert speculative.rounds < waiting.rounds
     assert speculative.fresh == waiting.fresh == 2 * 6
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_speculative_forks_sample_in_the_parents_round_and_keep_only_decided_forks(tokenizer, alpha):
+    m, n, groups = 8, 2, 2
+    beta = 0.3 if 0 < alpha < 1 else 0.0
+    gen = ScriptedGenerator(tokenizer, calls=2)
+    trajs, stats = rollout(tokenizer, m=m, n=n, alpha=alpha, beta=beta, generator=gen, speculative_forks=True)
+    assert [t.slot for t in trajs] == list(range(groups * m)) and all(t.done for t in trajs)
+    assert stats.branches + stats.fresh == groups * (m - n)
+    # Round 2: each root decides at result 1 and has one copy sampling beside it.
+    assert gen.call_log[1] == 2 * groups * n
+    decisions = len(stats.branch_probabilities)
+    assert stats.discarded_forks == decisions - stats.branches  # Z = 1: one copy per decision, kept iff forked
+    by_slot = {t.slot: t for t in trajs}
+    for t in trajs:
+        if t.kind == "branch":
+            parent, cut = by_slot[t.parent], t.fork_position
+            assert t.completion_ids[:cut] == parent.completion_ids[:cut]
+            assert tokenizer.decode(t.completion_ids[:cut]).endswith("</result>")
+            assert t.finish_reason == "eos" and tokenizer.decode(t.completion_ids).count("<result>") == 2
+    if alpha == 1.0:
+        assert stats.branches == groups * (m - n) and stats.fresh == 0
+    if alpha == 0.0:
+        assert stats.branches == 0 and stats.discarded_forks == decisions > 0
+
+
+def test_speculative_forks_remove_the_branch_lag(tokenizer):
+    _, lagging = rollout(tokenizer, m=8, n=2, alpha=1.0, beta=0.0, calls=3, groups=1)
+    _, speculative = rollout(tokenizer, m=8, n=2, alpha=1.0, beta=0.0, calls=3, groups=1, speculative_forks=True)
+    assert lagging.branches == speculative.branches == 6
+    assert speculative.rounds < lagging.rounds

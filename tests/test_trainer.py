@@ -141,6 +141,28 @@ def test_no_branching_when_alpha_and_beta_are_zero(tool_model, tokenizer, tmp_pa
     assert all(t.kind in ("root", "fresh") for t in trainer.batches[0]["rollout"].trajectories)
 
 
+def test_speculative_fill_and_forks_train_with_the_real_model(tool_model, tokenizer, tmp_path):
+    args = make_args(
+        tmp_path, branch_base_probability=0.5, branch_entropy_weight=0.2, rollout_fill="speculative",
+        speculative_forks=True, max_steps=1,
+    )  # fmt: skip
+    trainer = make_trainer(tool_model, tokenizer, args)
+    trainer.train()
+    rollout = trainer.batches[0]["rollout"]
+    trajs, stats = rollout.trajectories, rollout.stats
+    assert [t.slot for t in trajs] == list(range(8)) and all(t.done for t in trajs)
+    assert all(t.finish_reason != "discarded" for t in trajs)
+    assert stats.branches + stats.fresh == 2 * (M - N) and stats.discarded == stats.branches
+    assert stats.discarded_forks == len(stats.branch_probabilities) - stats.branches
+    for t in trajs:
+        if t.kind == "branch":
+            cut = t.fork_position
+            assert t.completion_ids[:cut] == trajs[t.parent].completion_ids[:cut]
+            assert tokenizer.decode(t.completion_ids[:cut]).endswith("</result>")
+    assert logged(trainer, "arpo/discarded_fresh_per_group") == [stats.discarded / 2]
+    assert logged(trainer, "arpo/discarded_forks_per_group") == [stats.discarded_forks / 2]
+
+
 def test_hard_attribution_replaces_advantages_with_the_mean_over_sharers(tool_model, tokenizer, tmp_path):
     args = make_args(tmp_path, advantage_attribution="hard", max_steps=1)
     trainer = make_trainer(tool_model, tokenizer, args)

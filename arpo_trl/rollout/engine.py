@@ -20,6 +20,14 @@ execution of every tool call those segments asked for:
    of ``"fresh"``; it needs fewer rounds (the fill no longer waits for the tree) and samples more (the
    discarded rollouts).
 
+``speculative_forks`` removes the branch lag of ``"after_tool"`` timing: the decision at result t needs the k
+tokens sampled after it, so a fork would start one round after its parent's post-tool segment. Instead, in that
+segment's round, Z copies of the state after result t sample their own continuations in the same batch; the
+decision then keeps them (they take their slots with that segment already sampled) or discards them. A copy's
+continuation does not depend on the parent's, nor the decision on the copy's, so each kept branch has the
+distribution of a fork started a round later; the discarded copies cost tokens, never tool calls. What changes is
+the order in which decisions claim the last free slots: a branch reaches its next tool result a round sooner.
+
 Entropy is computed only for the rows whose window will be read: roots in their first segment (H_initial) and
 trajectories about to decide, in groups that still have a free slot; every other row reads NaN.
 
@@ -87,6 +95,7 @@ class RolloutSettings:
     entropy_timing: str = "after_tool"
     entropy_normalization: str = "sum_lnV"
     rollout_fill: str = "fresh"
+    speculative_forks: bool = False
     branching: bool = True  # False: plain trajectory-level sampling (evaluation)
     max_completion_length: int = 256
     max_tool_rounds: int | None = None  # TRL's max_tool_calling_iterations
@@ -100,6 +109,7 @@ class RolloutStats:
     branches: int = 0
     fresh: int = 0  # fresh rollouts kept in the group
     discarded: int = 0  # speculative fresh rollouts whose slot a branch reclaimed
+    discarded_forks: int = 0  # speculative fork continuations sampled, then not kept (no fork decided)
     duplicates: int = 0
     rounds: int = 0
     tool_executions: int = 0  # unique: a call inside a shared prefix ran once
@@ -154,9 +164,16 @@ class TreeRollout:
         return traj.h_initial is None or traj.awaiting_entropy or s.entropy_timing == "lagged"
 
     def _maybe_branch(
-        self, traj: Trajectory, h_t: float | None, pool: SlotPool, stats: RolloutStats
+        self,
+        traj: Trajectory,
+        h_t: float | None,
+        pool: SlotPool,
+        stats: RolloutStats,
+        prepared: Sequence[Trajectory] = (),
     ) -> list[Trajectory]:
-        """Decide at the tool result `traj` currently ends with; return the forks (copies of its state now)."""
+        """Decide at the tool result `traj` currently ends with; return the forks (copies of its state now).
+
+        `prepared`: speculative copies of that state (slot not yet set), used first as the forks."""
         s = self.s
         if not (s.branching and traj.can_branch) or h_t is None or traj.h_initial is None:
             return []
@@ -176,7 +193,38 @@ class TreeRollout:
                 evicted.finish_reason = "discarded"
                 stats.fresh -= 1
                 stats.discarded += 1
-        return [traj.fork(slot) for slot in slots]
+        forks = []
+        for i, slot in enumerate(slots):
+            fork = prepared[i] if i < len(prepared) else traj.fork(slot)
+            fork.slot = slot
+            forks.append(fork)
+        return forks
+
+    def _speculate(self, live: list[Trajectory], pool: SlotPool) -> dict[int, list[Trajectory]]:
+        """Copies of the state after tool result t for rows about to decide at t (at most the free slots)."""
+        s = self.s
+        if not (s.speculative_forks and s.branching and s.entropy_timing == "after_tool"):
+            return {}
+        budget = {g: pool.free(g) for g in {t.group for t in live}}
+        prepared: dict[int, list[Trajectory]] = {}
+        for traj in live:
+            if traj.awaiting_entropy and traj.can_branch and traj.h_initial is not None and self._room(traj) > 0:
+                count = min(s.branch_factor, budget[traj.group])
+                if count:
+                    budget[traj.group] -= count
+                    prepared[id(traj)] = [traj.fork(-1) for _ in range(count)]
+        return prepared
+
+    def _absorb(self, traj: Trajectory, seg: Segment, window: float | None, calling: list) -> None:
+        """Append a sampled segment; queue its tool calls or record why the trajectory ended."""
+        traj.extend(seg.ids, sampled=True, entropies=seg.entropies)
+        calls = self.protocol.calls(traj, seg)
+        if calls:
+            calling.append((traj, calls, window))
+        elif seg.finish == "length" or self._room(traj) <= 0:
+            traj.finish_reason = "length"
+        else:
+            traj.finish_reason = "eos" if seg.finish == "eos" else "stop"
 
     # ------------------------------------------------------------------ main loop
     def run(self, prompt_ids: Sequence[list[int]]) -> tuple[list[Trajectory], RolloutStats]:
@@ -211,13 +259,17 @@ class TreeRollout:
 
         while self.any_active(bool(live)):
             stats.rounds += 1
-            needs = [self._needs_entropy(t, pool) for t in live]
+            prepared = self._speculate(live, pool)
+            copies = [c for t in live for c in prepared.get(id(t), [])]  # they share their parent's prefix
+            rows = live + copies
+            needs = [self._needs_entropy(t, pool) for t in live] + [False] * len(copies)
             segments = self.generate(
-                [list(prompt_ids[t.slot]) + t.completion_ids for t in live], [self._room(t) for t in live], needs
+                [list(prompt_ids[t.group * m]) + t.completion_ids for t in rows], [self._room(t) for t in rows], needs
             )
+            sampled = {id(c): seg for c, seg in zip(copies, segments[len(live) :], strict=True)}
             forks: list[Trajectory] = []
             calling: list[tuple[Trajectory, list[ToolCall], float | None]] = []
-            for traj, seg, need in zip(live, segments, needs, strict=True):
+            for traj, seg, need in zip(live, segments[: len(live)], needs[: len(live)], strict=True):
                 if traj.done:  # discarded earlier in this loop: its slot went to a branch
                     continue
                 window = self._window(seg.entropies) if need else None
@@ -225,21 +277,20 @@ class TreeRollout:
                     traj.h_initial = window  # the root's first k tokens
                 if traj.awaiting_entropy:  # after_tool: this segment follows tool result t
                     traj.awaiting_entropy = False
-                    forks += self._maybe_branch(traj, window, pool, stats)
-                traj.extend(seg.ids, sampled=True, entropies=seg.entropies)
-                calls = self.protocol.calls(traj, seg)
-                if calls:
-                    calling.append((traj, calls, window))
-                elif seg.finish == "length" or self._room(traj) <= 0:
-                    traj.finish_reason = "length"
-                else:
-                    traj.finish_reason = "eos" if seg.finish == "eos" else "stop"
+                    mine = prepared.get(id(traj), [])
+                    new = self._maybe_branch(traj, window, pool, stats, mine)
+                    kept = [f for f in new if id(f) in sampled]
+                    stats.discarded_forks += len(mine) - len(kept)
+                    for fork in kept:  # already sampled their first segment in this round
+                        self._absorb(fork, sampled[id(fork)], None, calling)
+                    forks += new
+                self._absorb(traj, seg, window, calling)
 
             self._run_tools(calling, pool, stats, forks)
 
             for fork in forks:
                 slots[fork.slot] = fork
-            live = [t for t in live if not t.done] + forks
+            live = [t for t in live if not t.done] + [f for f in forks if not f.done]
             live_per_group = [0] * num_groups
             for t in live:
                 live_per_group[t.group] += 1
