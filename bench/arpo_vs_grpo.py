@@ -264,6 +264,7 @@ def make_trainer(name: str, seed: int, assets: Assets, opts, out_dir: Path):
             entropy_window=opts.entropy_window,
             entropy_timing=opts.entropy_timing,
             rollout_fill=opts.rollout_fill,
+            speculative_forks=opts.speculative_forks and opts.entropy_timing == "after_tool",
             tool_timeout=30,
         )
         cls = ARPOTrainer
@@ -350,6 +351,7 @@ def parse_args(argv=None):
     p.add_argument("--entropy-window", type=int, default=20, help="k")
     p.add_argument("--entropy-timing", choices=["after_tool", "lagged"], default="after_tool")
     p.add_argument("--rollout-fill", choices=["fresh", "speculative", "duplicate"], default="fresh")
+    p.add_argument("--speculative-forks", action="store_true", help="ARPOConfig.speculative_forks (after_tool)")
     p.add_argument("--label", default="", help="free text stored with the results (e.g. which arpo_trl was run)")
     p.add_argument("--warmup", type=int, default=1, help="first steps of each run left out of the medians")
     p.add_argument("--schedule", choices=["alternate", "sequential"], default="alternate")
@@ -406,7 +408,7 @@ def main(argv=None) -> dict:
             f"{opts.steps} steps × {opts.seeds} seed(s), medians over steps {opts.warmup + 1}..{opts.steps}, "
             f"max_completion_length={opts.max_completion_length}, α={opts.alpha}, β={opts.beta}, "
             f"k={opts.entropy_window}, entropy_timing={opts.entropy_timing}, "
-            f"rollout_fill={opts.rollout_fill}, schedule={opts.schedule}"
+            f"rollout_fill={opts.rollout_fill}, speculative_forks={opts.speculative_forks}, schedule={opts.schedule}"
         ),
         "label": opts.label,
         "arpo_trl": arpo_provenance(),
