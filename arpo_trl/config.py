@@ -238,7 +238,9 @@ class ARPOConfig(GRPOConfig):
         """Upgrade a finished `GRPOConfig` to an `ARPOConfig` with ARPO's defaults (the drop-in path).
 
         GRPOConfig's `__post_init__` already ran (it derives fields and refuses to run twice on its own output), so
-        the instance is copied and only ARPO's fields are added and validated.
+        the instance is copied and only ARPO's fields are added and validated. One default differs:
+        `tool_format="chat_template"`, because that is how the `GRPOTrainer` script being swapped calls its tools
+        (pass an `ARPOConfig` to get the paper's inline tags).
         """
         upgraded = copy.copy(args)
         upgraded.__class__ = cls
@@ -247,6 +249,7 @@ class ARPOConfig(GRPOConfig):
             if f.name not in grpo_fields:
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
                 setattr(upgraded, f.name, default)
+        upgraded.tool_format = "chat_template"  # keep the swapped GRPOTrainer's tool calls working unchanged
         upgraded._validate_arpo()
         logger.info("GRPOConfig upgraded to ARPOConfig with ARPO's default rollout settings")
         return upgraded

@@ -68,6 +68,7 @@ def test_grpo_config_upgrades_with_arpo_defaults():
     a = ARPOConfig.from_grpo_config(g)
     assert isinstance(a, ARPOConfig) and a.learning_rate == 3e-6 and a.initial_rollouts == 2
     assert a.steps_per_generation == g.steps_per_generation
+    assert a.tool_format == "chat_template"  # the swapped GRPOTrainer's tool calls keep their format
 
 
 def test_yaml_recipe_parses_into_arpo_config(tmp_path):

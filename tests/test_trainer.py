@@ -276,11 +276,17 @@ def test_checkpoint_save_and_resume(tool_model, tokenizer, tmp_path):
 
 
 def test_drop_in_with_a_plain_grpo_config(tool_model, tokenizer, tmp_path):
+    """A GRPOTrainer script with tools, trainer class swapped: its chat-template tool calls keep working."""
+    import importlib.resources
+    import json
+
+    chat_tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    chat_tok.chat_template = importlib.resources.files("trl").joinpath("chat_templates/qwen2_5.jinja").read_text()
     args = GRPOConfig(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=8,
         num_generations=M,
-        max_completion_length=64,
+        max_completion_length=96,
         max_steps=1,
         report_to="none",
         bf16=False,
@@ -289,10 +295,15 @@ def test_drop_in_with_a_plain_grpo_config(tool_model, tokenizer, tmp_path):
         save_strategy="no",
         logging_steps=1,
     )
-    trainer = make_trainer(tool_model, tokenizer, args)
+    trainer = make_trainer(tool_model, chat_tok, args)
     assert isinstance(trainer.args, ARPOConfig) and trainer.args.initial_rollouts == M // 2
+    assert trainer.args.tool_format == "chat_template" and [f.__name__ for f in trainer.tools] == ["calc"]
+    call = json.dumps({"name": "calc", "arguments": {"expression": "4+5"}})
+    trainer.generator = FirstTurnScripted(trainer.generator, chat_tok, f"<tool_call>\n{call}\n</tool_call>")
     trainer.train()
-    assert len(trainer.batches[0]["rollout"].trajectories) == 8
+    trajs = trainer.batches[0]["rollout"].trajectories
+    assert len(trajs) == 8
+    assert all(t.messages[1] == {"role": "tool", "name": "calc", "content": "9"} for t in trajs)
 
 
 def test_evaluation_keeps_plain_sampling_with_tools(tool_model, tokenizer, tmp_path):
