@@ -1,5 +1,6 @@
 """The real `ARPOTrainer.train()` on a tiny real model that calls real tools (see tests/README.md)."""
 
+import math
 import time
 
 import pytest
@@ -179,6 +180,25 @@ def test_hard_attribution_replaces_advantages_with_the_mean_over_sharers(tool_mo
         if t.kind == "branch":
             cut = t.fork_position
             torch.testing.assert_close(out["advantages"][i, :cut], out["advantages"][t.parent, :cut])
+
+
+@pytest.mark.parametrize(
+    "loss_type, level",
+    [("grpo", "sequence"), ("dapo", "token"), ("dr_grpo", "token"), ("bnpo", "token"), ("cispo", "token"),
+     ("sapo", "token"), ("luspo", "sequence"), ("vespo", "token")],
+)  # fmt: skip
+def test_hard_attribution_trains_with_every_trl_loss(tool_model, tokenizer, tmp_path, loss_type, level):
+    """(B, T) advantages go through each of TRL's losses, GSPO's sequence-level importance sampling included."""
+    args = make_args(
+        tmp_path, advantage_attribution="hard", loss_type=loss_type, importance_sampling_level=level, max_steps=1
+    )
+    trainer = make_trainer(tool_model, tokenizer, args)
+    before = {k: v.clone() for k, v in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.batches[0]["out"]["advantages"].dim() == 2
+    losses = logged(trainer, "loss")
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.named_parameters())
 
 
 def test_real_sandboxed_python_tool_and_lagged_timing(tool_model, tokenizer, tmp_path):
