@@ -55,7 +55,7 @@ demo: install
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
-# ARPO vs GRPO benchmark (bench/README.md): ~10 min on 2 CPU cores; e.g. `make bench BENCH_ARGS="--steps 20 --seeds 3"`.
+# ARPO vs GRPO benchmark (bench/README.md): ~3.5 min on 2 idle CPU cores; e.g. `make bench BENCH_ARGS="--steps 20 --seeds 3"`.
 .PHONY: bench
 BENCH_ARGS ?=
 bench: install
