@@ -20,7 +20,7 @@ from .advantages import hard_attribution
 from .config import ARPOConfig
 from .rollout.branching import BranchPolicy
 from .rollout.engine import RolloutSettings, RolloutStats, TreeRollout
-from .rollout.entropy import EntropyRecorder
+from .rollout.entropy import EntropyRecorder, output_logit_transform
 from .rollout.generation import TransformersGenerator
 from .rollout.protocols import ChatTemplateProtocol, TagProtocol
 from .rollout.tree import Trajectory
@@ -142,7 +142,10 @@ class ARPOTrainer(GRPOTrainer):
             max_workers=args.tool_max_workers,
             max_response_chars=args.max_tool_response_chars,
         )
-        self.entropy_recorder = EntropyRecorder(self.temperature, max_steps=args.entropy_window)
+        scale, softcap = output_logit_transform(self.model.config.get_text_config())
+        self.entropy_recorder = EntropyRecorder(
+            self.temperature, max_steps=args.entropy_window, logit_scale=scale, softcap=softcap
+        )
         lm_head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
         lm_head.register_forward_hook(self.entropy_recorder)
         if args.tool_format == "tags":

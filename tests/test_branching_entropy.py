@@ -112,3 +112,38 @@ def test_recorder_armed_on_some_rows_computes_only_theirs():
     assert torch.isnan(recorded[1]).all()
     torch.testing.assert_close(recorded[[0, 2], 0], token_entropy(logits[[0, 2], -1]))
     torch.testing.assert_close(recorded[[0, 2], 1], token_entropy(2 * logits[[0, 2], -1]))
+
+
+@pytest.mark.parametrize("family", ["granite", "gemma2", "cohere"])
+def test_hook_applies_the_models_own_logit_scaling_and_softcapping(family):
+    """Granite divides its logits, Cohere multiplies them, Gemma 2 soft-caps them, all after the LM head: the hook
+    must measure the distribution the model actually defines (the logits `generate` returns)."""
+    import transformers
+
+    from arpo_trl.rollout.entropy import output_logit_transform
+
+    common = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    config, cls = {
+        "granite": (lambda: transformers.GraniteConfig(**common, logits_scaling=8.0), "GraniteForCausalLM"),
+        "gemma2": (lambda: transformers.Gemma2Config(**common, head_dim=16, final_logit_softcapping=3.0), "Gemma2ForCausalLM"),
+        "cohere": (lambda: transformers.CohereConfig(**common, logit_scale=0.25), "CohereForCausalLM"),
+    }[family]  # fmt: skip
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(config()).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30)  # large raw logits, so the transform matters
+    scale, softcap = output_logit_transform(model.config)
+    assert (scale, softcap) != (1.0, None)
+    recorder = EntropyRecorder(0.8, logit_scale=scale, softcap=softcap)
+    model.get_output_embeddings().register_forward_hook(recorder)
+    recorder.arm()
+    out = model.generate(
+        torch.tensor([[5, 6, 7, 8]]), max_new_tokens=6, do_sample=True, temperature=0.8, top_k=0, pad_token_id=0,
+        eos_token_id=None, output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    hooked = recorder.disarm()[0]
+    expected = token_entropy(torch.stack(out.logits, 1)[0], 0.8)
+    torch.testing.assert_close(hooked, expected, atol=1e-4, rtol=1e-4)

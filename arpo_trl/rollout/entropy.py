@@ -12,7 +12,10 @@ tokens sampled after tool result t). A window of token entropies becomes one num
 - ``"sum_V"``: Σ_{i≤k} H_i / V — the paper's literal formula; it makes ΔH vanishingly small.
 
 ΔH_t = H(window_t) − H(window_initial) (Eq. 4). The entropies here are exact over the whole vocabulary (not the
-official top-10 truncation, ARPO_SPEC D3), computed at the temperature used for sampling.
+official top-10 truncation, ARPO_SPEC D3), computed at the sampling temperature on the model's output logits
+(after its own logit scaling or soft-capping, `output_logit_transform`). They are the model's distribution, as
+in the paper's Eq. 3 and TRL's training entropy: top-k, top-p, min-p and repetition-penalty processing, which
+shape what the sampler draws from, do not enter them.
 """
 
 from __future__ import annotations
@@ -53,6 +56,25 @@ def window_entropy(entropies: Sequence[float], k: int, normalization: str, vocab
     raise ValueError(f"unknown entropy normalization {normalization!r}")
 
 
+def output_logit_transform(text_config) -> tuple[float, float | None]:
+    """(scale, softcap) a model applies to its LM head's output before the softmax.
+
+    The LM-head hook sees the head's raw output, but some families transform it afterwards: Cohere multiplies by
+    ``logit_scale``, Falcon-H1 by ``lm_head_multiplier``, Granite and MiniCPM3 divide by ``logits_scaling``
+    (HyperCLOVA X multiplies by it), and Gemma 2 soft-caps with ``final_logit_softcapping``. The same reading of
+    the config as TRL's fused training head, so both see one distribution.
+    """
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        factor = text_config.logits_scaling
+        scale = factor if getattr(text_config, "model_type", None) == "hyperclovax" else 1.0 / factor
+    return (1.0 if scale is None else float(scale)), getattr(text_config, "final_logit_softcapping", None)
+
+
 class EntropyRecorder:
     """Forward hook on the LM head that records the entropy of each sampled position while armed.
 
@@ -61,8 +83,17 @@ class EntropyRecorder:
     forwards are unaffected. Armed with a subset of rows, it computes only theirs (the others read NaN).
     """
 
-    def __init__(self, temperature: float, max_steps: int | None = None) -> None:
+    def __init__(
+        self,
+        temperature: float,
+        max_steps: int | None = None,
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
+    ) -> None:
         self.temperature = temperature
+        # The model's own post-head transform (see `output_logit_transform`): scale, then soft-cap, then 1/T.
+        self.logit_scale = logit_scale
+        self.softcap = softcap
         # ARPO reads only the first k entropies of each segment, and every segment starts with a generate call:
         # recording stops after `max_steps` decoding steps (None: record them all).
         self.max_steps = max_steps
@@ -74,6 +105,10 @@ class EntropyRecorder:
         if self._steps is None or (self.max_steps is not None and len(self._steps) >= self.max_steps):
             return
         last = (output[0] if isinstance(output, tuple) else output)[:, -1, :].detach()
+        if self.logit_scale != 1.0 or self.softcap:
+            last = last.float() * self.logit_scale
+            if self.softcap:
+                last = self.softcap * torch.tanh(last / self.softcap)
         if self._rows is None:
             self._steps.append(token_entropy(last, self.temperature))
             return

@@ -25,7 +25,7 @@ from transformers import GenerationConfig, StoppingCriteriaList, StopStringCrite
 
 from ..rollout.branching import BranchPolicy
 from ..rollout.engine import RolloutSettings, RolloutStats, Segment, TreeRollout
-from ..rollout.entropy import EntropyRecorder
+from ..rollout.entropy import EntropyRecorder, output_logit_transform
 from ..rollout.generation import _FirstStop, split_segments
 from ..rollout.protocols import TagProtocol
 from ..rollout.tree import DUPLICATE, Trajectory
@@ -66,7 +66,8 @@ class HFGenerator:
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.recorder = EntropyRecorder(temperature if temperature > 0 else 1.0)
+        scale, softcap = output_logit_transform(model.config.get_text_config())
+        self.recorder = EntropyRecorder(temperature if temperature > 0 else 1.0, logit_scale=scale, softcap=softcap)
         self._handle = model.get_output_embeddings().register_forward_hook(self.recorder)
         self.eos_ids = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
