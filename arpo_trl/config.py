@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -32,6 +33,14 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "rollout_fill": ("fresh", "speculative", "duplicate"),
     "tool_format": ("tags", "chat_template"),
     "call_limit_action": ("eos", "message"),
+}
+_SHAPE_CHANGING_GENERATION_KWARGS = {
+    "assistant_model",
+    "prompt_lookup_num_tokens",
+    "return_dict_in_generate",
+    "output_scores",
+    "output_logits",
+    "num_beam_groups",
 }
 
 
@@ -231,6 +240,31 @@ class ARPOConfig(GRPOConfig):
             raise ValueError(
                 "use_transformers_continuous_batching=True is not supported by ARPOTrainer: it returns no "
                 "per-token entropies, which branching needs"
+            )
+        self._validate_generation_kwargs()
+
+    def _validate_generation_kwargs(self) -> None:
+        """Refuse `generation_kwargs` the tree rollout would silently get wrong."""
+        kwargs = self.generation_kwargs or {}
+        if isinstance(kwargs, str):
+            kwargs = json.loads(kwargs)
+        # One row in, one sequence of single-token steps out: the generator slices rows and the entropy hook
+        # counts one LM-head call per sampled token.
+        shape_changing = sorted(set(kwargs) & _SHAPE_CHANGING_GENERATION_KWARGS)
+        if shape_changing:
+            raise ValueError(
+                f"generation_kwargs {shape_changing} are not supported by ARPOTrainer: the tree rollout needs one "
+                "sampled sequence per row, one token per decoding step (no beams, extra return sequences, "
+                "assisted or speculative decoding, or dict outputs)"
+            )
+        for key in ("num_return_sequences", "num_beams"):
+            if kwargs.get(key, 1) != 1:
+                raise ValueError(f"generation_kwargs[{key!r}]={kwargs[key]!r} is not supported: it must be 1")
+        if "temperature" in kwargs and kwargs["temperature"] != self.temperature:
+            raise ValueError(
+                f"generation_kwargs['temperature']={kwargs['temperature']!r} differs from temperature="
+                f"{self.temperature!r}: the loss and the branching entropy use `temperature`, so sampling at another "
+                "one would train on a distribution that was not sampled. Set `temperature` instead."
             )
 
     @classmethod

@@ -43,6 +43,12 @@ def test_defaults_follow_the_paper_and_the_issue():
         (dict(branch_rule="always"), "branch_rule"),
         (dict(entropy_normalization="max"), "entropy_normalization"),
         (dict(tool_timeout=0), "tool_timeout"),
+        (dict(generation_kwargs={"temperature": 0.5}), r"generation_kwargs\['temperature'\]"),
+        (dict(generation_kwargs={"num_beams": 4}), r"generation_kwargs\['num_beams'\]"),
+        (dict(generation_kwargs='{"num_return_sequences": 2}'), r"generation_kwargs\['num_return_sequences'\]"),
+        (dict(generation_kwargs={"prompt_lookup_num_tokens": 3}), "generation_kwargs"),
+        (dict(generation_kwargs={"return_dict_in_generate": True}), "generation_kwargs"),
+        (dict(use_transformers_continuous_batching=True), "use_transformers_continuous_batching"),
     ],
 )
 def test_bad_config_fails_at_construction_naming_the_field(override, field):
@@ -87,3 +93,8 @@ def test_speculative_forks_need_after_tool_timing():
     with pytest.raises(ValueError, match="speculative_forks=True needs entropy_timing='after_tool'"):
         ARPOConfig(**BASE, speculative_forks=True, entropy_timing="lagged")
     assert ARPOConfig(**BASE, speculative_forks=True, rollout_fill="speculative").speculative_forks
+
+
+def test_harmless_generation_kwargs_are_kept():
+    c = ARPOConfig(**BASE, temperature=0.7, generation_kwargs={"temperature": 0.7, "suppress_tokens": [3]})
+    assert c.generation_kwargs["suppress_tokens"] == [3]
