@@ -174,6 +174,7 @@ class ARPOTrainer(GRPOTrainer):
             speculative_forks=a.speculative_forks,
             branching=train,  # evaluation keeps plain trajectory sampling
             max_completion_length=self.max_completion_length,
+            max_model_len=getattr(self.model.config.get_text_config(), "max_position_embeddings", None),
             max_tool_rounds=a.max_tool_calling_iterations,
             call_limit_action=a.call_limit_action,
         )

@@ -307,3 +307,14 @@ def test_speculative_forks_remove_the_branch_lag(tokenizer):
     _, speculative = rollout(tokenizer, m=8, n=2, alpha=1.0, beta=0.0, calls=3, groups=1, speculative_forks=True)
     assert lagging.branches == speculative.branches == 6
     assert speculative.rounds < lagging.rounds
+
+
+def test_completions_stay_within_the_models_context(tokenizer):
+    prompt_len = len(tokenizer.encode("Add 1 and 2."))
+    context = prompt_len + 30
+    trajs, _ = rollout(tokenizer, m=4, n=2, alpha=1.0, beta=0.0, calls=3, max_len=200, max_model_len=context)
+    assert all(prompt_len + len(t.completion_ids) < context for t in trajs)
+    # The context, not the completion budget, ended them.
+    assert {t.finish_reason for t in trajs} & {"length", "no_room_for_result"}
+    with pytest.raises(ValueError, match="leaves no room"):
+        rollout(tokenizer, m=4, n=2, max_model_len=prompt_len)

@@ -98,6 +98,7 @@ class RolloutSettings:
     speculative_forks: bool = False
     branching: bool = True  # False: plain trajectory-level sampling (evaluation)
     max_completion_length: int = 256
+    max_model_len: int | None = None  # the model's context (max_position_embeddings): prompt + completion stay below
     max_tool_rounds: int | None = None  # TRL's max_tool_calling_iterations
     call_limit_action: str = "eos"
 
@@ -154,7 +155,11 @@ class TreeRollout:
         return window_entropy(entropies, self.s.entropy_window, self.s.entropy_normalization, self.vocab_size)
 
     def _room(self, traj: Trajectory) -> int:
-        return self.s.max_completion_length - len(traj.completion_ids)
+        """Tokens `traj` may still add: within max_completion_length, and within the model's context as TRL keeps."""
+        room = self.s.max_completion_length - len(traj.completion_ids)
+        if self.s.max_model_len is not None:
+            room = min(room, self.s.max_model_len - 1 - self._prompt_lens[traj.group] - len(traj.completion_ids))
+        return room
 
     def _needs_entropy(self, traj: Trajectory, pool: SlotPool) -> bool:
         """Will this round's window of `traj` be read? (Free slots only ever decrease, so no means never.)"""
@@ -241,6 +246,12 @@ class TreeRollout:
                     "ARPO forks branches inside a group, so each group must hold a single prompt"
                 )
         num_groups = len(prompt_ids) // m
+        self._prompt_lens = [len(prompt_ids[g * m]) for g in range(num_groups)]
+        if s.max_model_len is not None and max(self._prompt_lens) >= s.max_model_len - 1:
+            raise ValueError(
+                f"a prompt of {max(self._prompt_lens)} tokens leaves no room for a completion within the model's "
+                f"context of {s.max_model_len} tokens; shorten the prompts"
+            )
         stats = RolloutStats(groups=num_groups, completions=len(prompt_ids))
         slots: list[Trajectory | None] = [None] * len(prompt_ids)
         self._slots = slots
