@@ -350,6 +350,30 @@ def test_constructor_rejects_what_arpo_cannot_do(tool_model, tokenizer, tmp_path
         make_trainer(tool_model, tokenizer, args, rollout_func=lambda prompts, trainer: {})
     with pytest.raises(ValueError, match="unique"):
         make_trainer(tool_model, tokenizer, args, tools=[calc, calc])
+    with pytest.raises(ValueError, match="environment_factory"):
+        make_trainer(tool_model, tokenizer, args, environment_factory=object)
+
+
+def test_settings_of_existing_grpo_scripts_train(tool_model, tokenizer, tmp_path):
+    """What TRL users keep in their scripts: several micro-steps per generation, gradient accumulation, more than one
+    iteration per batch, gradient checkpointing, a KL term against a reference model (loaded from a path, as TRL
+    requires), entropy masking and truncation masking, all with hard attribution."""
+    model_dir = tmp_path / "model"
+    tool_model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    args = make_args(
+        tmp_path, advantage_attribution="hard", per_device_train_batch_size=4, steps_per_generation=2,
+        gradient_accumulation_steps=2, num_iterations=2, gradient_checkpointing=True, beta=0.04,
+        top_entropy_quantile=0.5, mask_truncated_completions=True, max_steps=2,
+    )  # fmt: skip
+    trainer = make_trainer(str(model_dir), tokenizer, args)
+    trainer.train()
+    assert trainer.ref_model is not None and trainer.state.global_step == 2
+    rollout = trainer.batches[0]["rollout"]
+    assert len(rollout.trajectories) == 8 and rollout.stats.branches == 2 * (M - N)  # one generation, 2 micro-steps
+    assert trainer.batches[0]["out"]["advantages"].shape[0] == 8
+    kl = logged(trainer, "kl")
+    assert kl and all(math.isfinite(x) for x in kl + logged(trainer, "loss"))
 
 
 class FirstTurnScripted:
