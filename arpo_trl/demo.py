@@ -34,6 +34,7 @@ from .tools import format_result  # noqa: E402
 MODEL = "embedded:smollm2-135m-instruct"
 TASK = "basic_arithmetic"
 _SFT_VERSION = "demo-sft-v2"
+SFT_STEPS, TOP_LAYERS, SEED = 24, 6, 0  # the cold start's defaults (flags of `main`)
 # Short on purpose: on 2 CPU cores the prompt's length is most of a step's cost.
 DEMO_SYSTEM_PROMPT = (
     "Think in <think></think>. Run Python with <python>code</python>; its output comes back in <result></result>. "
@@ -76,6 +77,11 @@ def _lora(r: int, top_layers: int, num_layers: int):
         layers_to_transform=list(range(num_layers - top_layers, num_layers)),
         task_type="CAUSAL_LM",
     )
+
+
+def default_cold_start() -> str:
+    """The cold-start model `make demo` trains with its default flags (built now if not cached)."""
+    return cold_start(str(resolve_model_path(MODEL)), SFT_STEPS, SEED, TOP_LAYERS)
 
 
 def cold_start(base: str, steps: int, seed: int, top_layers: int) -> str:
@@ -136,14 +142,14 @@ def cold_start(base: str, steps: int, seed: int, top_layers: int) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/demo")
-    parser.add_argument("--sft_steps", type=int, default=24)
+    parser.add_argument("--sft_steps", type=int, default=SFT_STEPS)
     parser.add_argument("--steps", type=int, default=6, help="ARPO optimizer steps")
     parser.add_argument("--prompts_per_step", type=int, default=2)
     parser.add_argument("--num_generations", type=int, default=4, help="M")
     parser.add_argument("--initial_rollouts", type=int, default=2, help="N")
     parser.add_argument("--max_completion_length", type=int, default=96)
-    parser.add_argument("--top_layers", type=int, default=6, help="layers trained with LoRA (the top ones)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top_layers", type=int, default=TOP_LAYERS, help="layers trained with LoRA (the top ones)")
+    parser.add_argument("--seed", type=int, default=SEED)
     opts = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM

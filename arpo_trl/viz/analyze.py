@@ -9,10 +9,13 @@ every trajectory's tokens and entropies::
     arpo-analyze entropy --model fixture:tiny-calc --dataset fixture:calc --tools calc --out runs/entropy
     arpo-analyze entropy --model ./my-hf-model --dataset questions.jsonl --tools python
     arpo-analyze entropy --model embedded:smollm2-135m-instruct --dataset questions.jsonl --tools python
+    arpo-analyze entropy --model demo:cold-start --dataset demo:arithmetic --tools python --window 10
 
 ``--model``: a local Hugging Face model directory, ``fixture:tiny-calc`` (the offline test model that calls
-``<calc>``), or ``embedded:NAME`` (resolved by ``arpo_trl.models.resolve_model_path``). ``--dataset``:
-``fixture:calc`` or a JSONL file with a ``question`` field per line. ``--tools``: ``python`` (sandboxed
+``<calc>``), ``demo:cold-start`` (the embedded SmolLM2 after `make demo`'s cold start; built if not cached), or
+``embedded:NAME`` (resolved by ``arpo_trl.models.resolve_model_path``). ``--dataset``: ``fixture:calc``,
+``demo:arithmetic`` (fresh problems of the demo's task, with its system prompt) or a JSONL file with a
+``question`` field per line. ``--tools``: ``python`` (sandboxed
 interpreter) and/or ``calc``. See docs/viz.md.
 """
 
@@ -26,8 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-FIXTURE_MODELS = ("fixture:tiny-calc",)
-FIXTURE_DATASETS = ("fixture:calc",)
+FIXTURE_MODELS = ("fixture:tiny-calc", "demo:cold-start")
+FIXTURE_DATASETS = ("fixture:calc", "demo:arithmetic")
 TOOL_CHOICES = ("python", "calc")
 
 
@@ -66,13 +69,17 @@ def load_local_tokenizer(path: str) -> Any:
 
 def load_model(spec: str, device: str = "auto") -> tuple[Any, Any]:
     """(model, tokenizer) for `spec`; the tokenizer pads on the left."""
-    if spec in FIXTURE_MODELS:
+    if spec == "fixture:tiny-calc":
         from arpo_trl.testing import load_tokenizer, tool_sft
 
         tokenizer = load_tokenizer()
         model = tool_sft(tokenizer)
     else:
-        if spec.startswith("embedded:"):
+        if spec == "demo:cold-start":
+            from arpo_trl.demo import default_cold_start
+
+            path = default_cold_start()
+        elif spec.startswith("embedded:"):
             path = resolve_embedded(spec)
         elif spec.startswith("fixture:"):
             raise UsageError(f"unknown fixture model {spec!r}; known: {', '.join(FIXTURE_MODELS)}")
@@ -137,7 +144,14 @@ def default_system_prompt(tools: Sequence[Any]) -> str:
 
 def load_questions(spec: str, limit: int, seed: int, system_prompt: str | None, tools: Sequence[Any]) -> list[Any]:
     """Prompts as chat messages: ``fixture:calc`` or one ``{"question": ...}`` object per JSONL line."""
-    if spec in FIXTURE_DATASETS:
+    if spec == "demo:arithmetic":
+        # Fresh problems of the demo's task (not its training seeds), with the system prompt its cold start learnt.
+        from arpo_trl.demo import DEMO_SYSTEM_PROMPT, arithmetic
+
+        system = system_prompt if system_prompt is not None else DEMO_SYSTEM_PROMPT
+        questions = arithmetic(limit, seed=777 + seed)["question"]
+        return [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in questions]
+    if spec == "fixture:calc":
         from arpo_trl.testing import calc_dataset
 
         prompts = list(calc_dataset(limit, seed=seed)["prompt"])
@@ -338,8 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="local HF model directory, fixture:tiny-calc, or embedded:NAME")
-    p.add_argument("--dataset", required=True, help="fixture:calc or a JSONL file with a 'question' per line")
+    p.add_argument(
+        "--model", required=True, help="local HF model directory, fixture:tiny-calc, demo:cold-start, or embedded:NAME"
+    )
+    p.add_argument(
+        "--dataset", required=True, help="fixture:calc, demo:arithmetic, or a JSONL file with a 'question' per line"
+    )
     p.add_argument("--tools", nargs="+", default=["python"], help="tools (space or comma separated): python, calc")
     p.add_argument("--out", default="arpo-entropy", help="output folder (entropy.png, entropy.json)")
     p.add_argument("--num-prompts", type=int, default=32, help="prompts taken from the dataset")
