@@ -268,12 +268,13 @@ class ARPOTrainer(GRPOTrainer):
             stats.call_limit_hits,
             sum(stats.entropy_deltas),
             len(stats.entropy_deltas),
+            sum(stats.entropy_after_tool),
             sum(stats.branch_probabilities),
             stats.rounds,
         ]
         total = self.accelerator.gather(torch.tensor([local], dtype=torch.float64, device=device)).sum(0).tolist()
         (groups, completions, branches, fresh, discarded, discarded_forks, dups, execs, calls, errors, timeouts,
-         limit_hits, sum_dh, n_dh, sum_p, rounds) = total  # fmt: skip
+         limit_hits, sum_dh, n_dh, sum_h_t, sum_p, rounds) = total  # fmt: skip
         groups, completions = max(groups, 1.0), max(completions, 1.0)
         metrics["arpo/branches_per_group"].append(branches / groups)
         metrics["arpo/fresh_rollouts_per_group"].append(fresh / groups)
@@ -285,6 +286,10 @@ class ARPOTrainer(GRPOTrainer):
         metrics["arpo/branch_decisions_per_group"].append(n_dh / groups)
         if n_dh:
             metrics["arpo/entropy_delta_mean"].append(sum_dh / n_dh)
+            # The per-tool-step entropies the paper plots, in `entropy_normalization` units: H_t after the tool
+            # result and H_initial of the same trajectories (ΔH = H_t − H_initial).
+            metrics["arpo/entropy_after_tool_mean"].append(sum_h_t / n_dh)
+            metrics["arpo/entropy_initial_mean"].append((sum_h_t - sum_dh) / n_dh)
             metrics["arpo/branch_probability_mean"].append(sum_p / n_dh)
         metrics["arpo/generation_rounds"].append(rounds / self.accelerator.num_processes)
         metrics["tools/calls_per_completion"].append(calls / completions)

@@ -129,6 +129,16 @@ def test_forced_branching_soft_mode(tool_model, tokenizer, tmp_path):
     assert logged(trainer, "arpo/branch_probability_mean") == [1.0, 1.0]
     calls, execs = logged(trainer, "tools/calls_per_completion"), logged(trainer, "tools/executions_per_completion")
     assert all(e < c for c, e in zip(calls, execs))  # shared prefixes ran their tools once
+    # Per-tool-step entropies: the logged means are those of the decisions this step took (H_t, H_t − ΔH).
+    for logged_h_t, logged_h0, batch in zip(
+        logged(trainer, "arpo/entropy_after_tool_mean"), logged(trainer, "arpo/entropy_initial_mean"), trainer.batches
+    ):
+        stats = batch["rollout"].stats
+        h_t = sum(stats.entropy_after_tool) / len(stats.entropy_after_tool)
+        h0 = h_t - sum(stats.entropy_deltas) / len(stats.entropy_deltas)
+        assert logged_h_t == pytest.approx(h_t, rel=1e-3) and logged_h0 == pytest.approx(h0, rel=1e-3)
+        roots = [t for t in batch["rollout"].trajectories if t.kind == "root"]
+        assert min(t.h_initial for t in roots) - 1e-6 <= h0 <= max(t.h_initial for t in roots) + 1e-6
 
 
 def test_no_branching_when_alpha_and_beta_are_zero(tool_model, tokenizer, tmp_path):

@@ -117,7 +117,8 @@ class RolloutStats:
     tool_errors: int = 0
     tool_timeouts: int = 0
     call_limit_hits: int = 0
-    entropy_deltas: list[float] = field(default_factory=list)
+    entropy_deltas: list[float] = field(default_factory=list)  # ΔH at each decision
+    entropy_after_tool: list[float] = field(default_factory=list)  # H_t at each decision (ΔH + H_initial)
     branch_probabilities: list[float] = field(default_factory=list)
 
 
@@ -186,6 +187,7 @@ class TreeRollout:
             return []  # budget M used up (or nothing left to sample): no decision to make
         decision = self.policy.decide(h_t - traj.h_initial)
         stats.entropy_deltas.append(decision.delta_h)
+        stats.entropy_after_tool.append(h_t)
         stats.branch_probabilities.append(decision.probability)
         slots = pool.take(traj.group, s.branch_factor) if decision.fork else []
         traj.branch_events.append(
