@@ -194,9 +194,37 @@ class Assets:
     state: dict[str, torch.Tensor]
     dataset: Any
     model_factory: Any
+    tool: Any = None  # default: the timed `calc`
+    reward: Any = None  # default: `closeness_reward`
+
+
+def load_demo_assets(opts) -> Assets:
+    """--task demo: the demo's SmolLM2-135M after its cold start (real weights), fresh arithmetic problems with the
+    demo's system prompt, the sandboxed Python interpreter and the paper's F1 reward."""
+    from transformers import AutoModelForCausalLM
+
+    from arpo_trl.data import to_conversational
+    from arpo_trl.demo import DEMO_SYSTEM_PROMPT, arithmetic, default_cold_start
+    from arpo_trl.models import load_tokenizer as load_local_tokenizer
+    from arpo_trl.rewards import arpo_f1_reward
+    from arpo_trl.tools import PythonInterpreter
+
+    path = default_cold_start()
+    tok = load_local_tokenizer(path)
+    tok.padding_side = "left"
+    dataset = to_conversational(
+        arithmetic(max(64, opts.steps * opts.prompts_per_step * 2), seed=777), DEMO_SYSTEM_PROMPT
+    )
+    dtype = torch.bfloat16 if opts.bf16 else torch.float32
+    return Assets(
+        tok, {}, dataset, lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
+        tool=PythonInterpreter(timeout=10), reward=arpo_f1_reward,
+    )  # fmt: skip
 
 
 def load_assets(fmt: str, opts) -> Assets:
+    if opts.task == "demo":
+        return load_demo_assets(opts)
     size = max(64, opts.steps * opts.prompts_per_step * 2)
     if opts.model:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -250,7 +278,7 @@ def make_trainer(name: str, seed: int, assets: Assets, opts, out_dir: Path):
         disable_tqdm=True,
         log_level="error",
     )
-    tool = timed_tool(calc)
+    tool = assets.tool if assets.tool is not None else timed_tool(calc)
     if kind == "trl":
         args = GRPOConfig(**common)
         cls = GRPOTrainer
@@ -271,7 +299,7 @@ def make_trainer(name: str, seed: int, assets: Assets, opts, out_dir: Path):
     transformers.set_seed(seed)
     trainer = cls(
         model=assets.model_factory(),
-        reward_funcs=[closeness_reward],
+        reward_funcs=[assets.reward or closeness_reward],
         args=args,
         train_dataset=assets.dataset,
         processing_class=assets.tokenizer,
@@ -357,6 +385,13 @@ def parse_args(argv=None):
     p.add_argument("--schedule", choices=["alternate", "sequential"], default="alternate")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--task",
+        choices=["calc", "demo"],
+        default="calc",
+        help="calc: the tiny fixtures' calc task; demo: `make demo`'s cold-started SmolLM2-135M on arithmetic with "
+        "the sandboxed Python tool (tag-format trainers only)",
+    )
     p.add_argument("--model", default=None, help="a local HF causal LM instead of the tiny fixtures (GPU runs)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--out", default=str(HERE / "results"), help="directory for JSON, markdown and PNG")
@@ -368,6 +403,8 @@ def parse_args(argv=None):
     unknown = [t for t in opts.trainer_list if t not in TRAINERS]
     if unknown:
         p.error(f"unknown trainers {unknown}")
+    if opts.task == "demo" and any(TRAINERS[t][0] != "tags" for t in opts.trainer_list):
+        p.error("--task demo runs tag-format trainers only (the demo model was taught inline <python> calls)")
     return opts
 
 
