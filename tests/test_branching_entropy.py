@@ -101,6 +101,11 @@ def test_token_entropy_equals_the_definition_on_random_logits():
         torch.testing.assert_close(token_entropy(logits, temperature), direct, atol=1e-4, rtol=1e-4)
 
 
+def test_token_entropy_ignores_masked_logits():
+    logits = torch.tensor([[0.0, 0.0, float("-inf"), float("-inf")]])
+    assert token_entropy(logits).item() == pytest.approx(math.log(2), rel=1e-6)
+
+
 def test_recorder_armed_on_some_rows_computes_only_theirs():
     logits = torch.randn(3, 1, 40)
     recorder = EntropyRecorder(temperature=1.0)

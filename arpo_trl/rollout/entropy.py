@@ -35,7 +35,8 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     z = logits.float()
     if temperature != 1.0:
         z = z / temperature
-    z = z - z.amax(dim=-1, keepdim=True)
+    # Clamped so that masked (-inf) logits give p = 0 and a finite p·log p term (0 · -inf would be NaN).
+    z = (z - z.amax(dim=-1, keepdim=True)).clamp_(min=-1e4)
     e = z.exp()
     total = e.sum(dim=-1)
     return total.log() - (e * z).sum(dim=-1) / total
