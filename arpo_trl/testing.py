@@ -129,20 +129,31 @@ def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: in
     return model
 
 
-def calc_prompt(a: int, b: int, c: int) -> list[dict[str, str]]:
+def chat_template_tokenizer():
+    """SmolLM2's tokenizer with TRL's bundled Qwen2.5 chat template: tool-aware, prefix-preserving, and recognised
+    by TRL's response parser (for ``tool_format="chat_template"`` and TRL's own tool loop)."""
+    import importlib.resources
+
+    tok = load_tokenizer()
+    tok.chat_template = importlib.resources.files("trl").joinpath("chat_templates/qwen2_5.jinja").read_text()
+    return tok
+
+
+def calc_prompt(a: int, b: int, c: int, system_prompt: str = CALC_SYSTEM_PROMPT) -> list[dict[str, str]]:
     return [
-        {"role": "system", "content": CALC_SYSTEM_PROMPT},
+        {"role": "system", "content": system_prompt},
         {"role": "user", "content": f"Add {a}, {b} and {c}."},
     ]
 
 
-def calc_dataset(size: int, seed: int = 0):
-    """Prompts "Add a, b and c." with an `answer` column (a `datasets.Dataset`)."""
+def calc_dataset(size: int, seed: int = 0, system_prompt: str = CALC_SYSTEM_PROMPT):
+    """Prompts "Add a, b and c." with an `answer` column (a `datasets.Dataset`); the same rows for any prompt."""
     from datasets import Dataset
 
     rng = random.Random(seed)
     rows = [(rng.randint(1, 20), rng.randint(1, 20), rng.randint(1, 20)) for _ in range(size)]
-    return Dataset.from_dict({"prompt": [calc_prompt(*r) for r in rows], "answer": [str(sum(r)) for r in rows]})
+    prompts = [calc_prompt(*r, system_prompt=system_prompt) for r in rows]
+    return Dataset.from_dict({"prompt": prompts, "answer": [str(sum(r)) for r in rows]})
 
 
 def _trace(a: int, b: int, c: int, two_calls: bool) -> list[tuple[str, bool]]:

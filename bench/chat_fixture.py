@@ -17,39 +17,36 @@ add_generation_prompt=True)``, the tool turn with the same dummy-conversation di
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import json
 import random
 
 import torch
 
-from arpo_trl.testing import build_tiny_model, cache_dir, calc, load_tokenizer, tool_sft
+from arpo_trl.testing import (
+    build_tiny_model,
+    cache_dir,
+    calc,
+    calc_dataset,
+    calc_prompt,
+    chat_template_tokenizer,
+    load_tokenizer,
+    tool_sft,
+)
 
 CHAT_SYSTEM_PROMPT = "Use the calc tool to add numbers. Put the final answer in \\boxed{}."
 _RECIPE_VERSION = "chat-tool-sft-v2-from-tags"
 
 
-def chat_tokenizer():
-    """SmolLM2's tokenizer with TRL's bundled Qwen2.5 template (tool-aware, recognised by TRL's response parser)."""
-    tok = load_tokenizer()
-    tok.chat_template = importlib.resources.files("trl").joinpath("chat_templates/qwen2_5.jinja").read_text()
-    return tok
+chat_tokenizer = chat_template_tokenizer  # SmolLM2's tokenizer with TRL's bundled Qwen2.5 template
 
 
 def chat_calc_prompt(a: int, b: int, c: int) -> list[dict[str, str]]:
-    return [
-        {"role": "system", "content": CHAT_SYSTEM_PROMPT},
-        {"role": "user", "content": f"Add {a}, {b} and {c}."},
-    ]
+    return calc_prompt(a, b, c, system_prompt=CHAT_SYSTEM_PROMPT)
 
 
 def chat_calc_dataset(size: int, seed: int = 0):
     """The rows of `arpo_trl.testing.calc_dataset(size, seed)` (same numbers, same order) with the chat prompt."""
-    from datasets import Dataset
-
-    rng = random.Random(seed)
-    rows = [(rng.randint(1, 20), rng.randint(1, 20), rng.randint(1, 20)) for _ in range(size)]
-    return Dataset.from_dict({"prompt": [chat_calc_prompt(*r) for r in rows], "answer": [str(sum(r)) for r in rows]})
+    return calc_dataset(size, seed, system_prompt=CHAT_SYSTEM_PROMPT)
 
 
 def tool_suffix_ids(tokenizer, tool_messages: list[dict]) -> list[int]:

@@ -9,7 +9,7 @@ from trl import GRPOConfig
 
 from arpo_trl import ARPOConfig, ARPOTrainer
 from arpo_trl.advantages import hard_attribution
-from arpo_trl.testing import calc, calc_dataset, closeness_reward
+from arpo_trl.testing import calc, calc_dataset, chat_template_tokenizer, closeness_reward
 
 M, N = 4, 2
 
@@ -307,11 +307,9 @@ def test_checkpoint_save_and_resume(tool_model, tokenizer, tmp_path):
 
 def test_drop_in_with_a_plain_grpo_config(tool_model, tokenizer, tmp_path):
     """A GRPOTrainer script with tools, trainer class swapped: its chat-template tool calls keep working."""
-    import importlib.resources
     import json
 
-    chat_tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
-    chat_tok.chat_template = importlib.resources.files("trl").joinpath("chat_templates/qwen2_5.jinja").read_text()
+    chat_tok = chat_template_tokenizer()  # TRL's bundled Qwen2.5 template: tool-aware, prefix-preserving
     args = GRPOConfig(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=8,
@@ -415,14 +413,11 @@ class FirstTurnScripted:
 
 
 def test_chat_template_tool_format_with_the_sandboxed_interpreter(tool_model, tokenizer, tmp_path):
-    import importlib.resources
     import json
 
     from arpo_trl.tools import PythonInterpreter
 
-    chat_tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
-    # TRL's bundled Qwen2.5 template: tool-aware, prefix-preserving, and recognised by TRL's response parser.
-    chat_tok.chat_template = importlib.resources.files("trl").joinpath("chat_templates/qwen2_5.jinja").read_text()
+    chat_tok = chat_template_tokenizer()  # TRL's bundled Qwen2.5 template: tool-aware, prefix-preserving
     args = make_args(tmp_path, tool_format="chat_template", max_completion_length=160, max_steps=1)
     trainer = make_trainer(tool_model, chat_tok, args, tools=[PythonInterpreter(timeout=10)])
     call = json.dumps({"name": "python", "arguments": {"code": "x = 20\nx + 22"}})
