@@ -1,8 +1,11 @@
 """Rewards with TRL's reward-function signature ``f(completions, answer, **kwargs) -> list[float]``.
 
-- `arpo_f1_reward`: the paper's reward (ARPO_SPEC §9, Eq. 8): −1 when the format is invalid or no boxed answer can
-  be read; otherwise the token-level F1 of the last ``\\boxed{}`` inside ``<answer>`` against the gold answer(s),
-  +0.1 when the response used both search and Python and F1 > 0; 0 when F1 = 0.
+- `arpo_f1_reward`: the paper's reward (Eq. 8), computed as the official ``compute_score`` of RUC-NLPIR/ARPO
+  (``verl/utils/reward_score/deep_research.py``): −1 when the format is invalid or no boxed answer can be read;
+  otherwise the SQuAD-style token F1 of the last ``\\boxed{}`` inside ``<answer>`` against the gold answer(s),
+  +0.1 when the response used both search and Python and F1 > 0; 0 when F1 = 0. It agrees with the official
+  function on every case of ``tests/data/arpo_f1_official_cases.jsonl`` but the documented ``\\boxed `` (space)
+  one; docs/reproduction.md explains it.
 - `math_exact_reward`: 1 when `math-verify` finds the last boxed answer equal to the gold one, else 0 — an exact
   variant for math, a departure from the paper (which trains with F1 everywhere).
 """
@@ -13,7 +16,7 @@ import re
 import string
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -25,7 +28,7 @@ def completion_text(completion: Any) -> str:
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}``, nested braces allowed."""
+    """Content of the last ``\\boxed{...}`` (nested braces allowed); None when there is none or it is unclosed."""
     start = text.rfind("\\boxed{")
     if start < 0:
         return None
@@ -40,38 +43,76 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def boxed_answer(answer: str) -> str | None:
+    """The boxed answer the official reward reads from the content of ``<answer>``, or None (a format error).
+
+    As officially, the extraction starts at the *last* ``\\boxed``: when that one does not open a brace group
+    closed later (``\\boxed{5} or \\boxed``, ``\\boxed\\,{5}``, ``\\boxed{5``) there is no answer. One
+    deliberate departure: the official code gives priority to a ``\\boxed `` followed by a space *anywhere* in
+    the answer and grades the text after the last one, up to a ``$``, so ``\\boxed{Paris} (the \\boxed
+    answer)`` is graded on ``answer)`` and ``\\boxed{Paris} \\boxed `` on nothing. The paper grades the last
+    ``\\boxed{}``, which its prompt asks for, so here a ``\\boxed`` followed by a space is ignored
+    (docs/reproduction.md lists the case).
+    """
+    starts = [m.start() for m in _BOXED.finditer(answer)]
+    if not starts or not answer.startswith("\\boxed{", starts[-1]):
+        return None
+    return last_boxed(answer[starts[-1] :])
+
+
+_BOXED = re.compile(r"\\boxed(?! )")
+
+
 def format_valid(text: str) -> bool:
-    """The official format check: balanced think tags, one answer block with a boxed answer, and every tool call
-    closed and followed by a result."""
-    opens, closes = text.count("<think>"), text.count("</think>")
-    if opens < 1 or opens != closes:
+    """The official format check (``validate_format``).
+
+    Balanced, present think tags; exactly one ``<answer>`` and one ``</answer>``, in that order, holding a
+    ``\\boxed{`` and a ``}``; and for each tool tag, every call opened is closed, then answered by a
+    ``<result>…</result>`` in that order. The scan for the next call resumes after each ``</result>``, so tags
+    quoted inside a tool result (a web page showing ``<search>``) are skipped, as officially.
+    """
+    opens = text.count("<think>")
+    if opens == 0 or opens != text.count("</think>"):
         return False
     if text.count("<answer>") != 1 or text.count("</answer>") != 1:
         return False
-    answer = text[text.find("<answer>") : text.find("</answer>")]
-    if "\\boxed{" not in answer:
-        return False
     for tag in ("search", "python"):
-        for match in re.finditer(f"<{tag}>", text):
-            rest = text[match.end() :]
-            pos = [rest.find(t) for t in (f"</{tag}>", "<result>", "</result>")]
-            if any(p < 0 for p in pos) or pos != sorted(pos):
+        cursor = 0
+        while (call := text.find(f"<{tag}>", cursor)) >= 0:
+            close = text.find(f"</{tag}>", call)
+            result = text.find("<result>", call)
+            if close < 0 or result < 0:
                 return False
-    return True
+            result_end = text.find("</result>", result)
+            if result_end < 0 or not call < close < result < result_end:
+                return False
+            cursor = result_end  # resume after this call's result: tags inside it are not calls
+    start, end = text.find("<answer>"), text.find("</answer>")
+    if start > end:
+        return False
+    answer = text[start:end]
+    return "\\boxed{" in answer and "}" in answer
+
+
+_PUNCTUATION = frozenset(string.punctuation)
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: lower-case, no punctuation, no articles, single spaces."""
-    text = text.lower()
-    text = "".join(ch if ch not in set(string.punctuation) else " " for ch in text)
+    """SQuAD normalisation, as the official reward: lower-case, *delete* ASCII punctuation (``1,000`` → ``1000``),
+    drop the articles a/an/the, collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
 
+_EXACT_ONLY = ("yes", "no", "noanswer")
+
+
 def token_f1(prediction: str, gold: str) -> float:
+    """Token-level F1 of the normalised strings; yes/no/noanswer on either side must match exactly."""
     pred, ref = normalize_answer(prediction), normalize_answer(gold)
-    if pred in ("yes", "no", "noanswer") or ref in ("yes", "no", "noanswer"):
-        return float(pred == ref)
+    if (pred in _EXACT_ONLY or ref in _EXACT_ONLY) and pred != ref:
+        return 0.0
     p_tokens, g_tokens = pred.split(), ref.split()
     common = sum((Counter(p_tokens) & Counter(g_tokens)).values())
     if common == 0:
@@ -81,26 +122,37 @@ def token_f1(prediction: str, gold: str) -> float:
 
 
 def _golds(answer: Any) -> list[str]:
-    return [str(a) for a in answer] if isinstance(answer, (list, tuple)) else [str(answer)]
+    if isinstance(answer, str):
+        return [answer]
+    if isinstance(answer, Iterable):  # lists, tuples, numpy arrays from parquet
+        return [str(a) for a in answer]
+    return [str(answer)]
+
+
+def arpo_f1_score(text: str, gold: Any) -> float:
+    """The paper's reward (Eq. 8) for one response, as the official ``compute_score``.
+
+    −1 when the format is invalid or no boxed answer can be read; else the best token F1 of the boxed answer
+    against the gold answer(s), +0.1 when F1 > 0 and the response contains both ``</search>`` and ``</python>``
+    (anywhere, tool results included, as officially); 0 when F1 = 0.
+    """
+    if not format_valid(text):
+        return -1.0
+    answer = text[text.find("<answer>") + len("<answer>") : text.find("</answer>")]
+    predicted = boxed_answer(answer)
+    if predicted is None:
+        return -1.0
+    f1 = max((token_f1(predicted, g) for g in _golds(gold)), default=0.0)
+    if f1 <= 0:
+        return 0.0
+    return f1 + 0.1 if "</search>" in text and "</python>" in text else f1
 
 
 def arpo_f1_reward(completions: list, answer: list, **kwargs) -> list[float]:
-    """The paper's reward (Eq. 8): format −1, else F1 of the boxed answer, +0.1 for using both tools."""
-    rewards = []
-    for completion, gold in zip(completions, answer):
-        text = completion_text(completion)
-        if not format_valid(text):
-            rewards.append(-1.0)
-            continue
-        block = text[text.find("<answer>") : text.find("</answer>")]
-        predicted = last_boxed(block)
-        if predicted is None:
-            rewards.append(-1.0)
-            continue
-        f1 = max(token_f1(predicted, g) for g in _golds(gold))
-        both_tools = "</search>" in text and "</python>" in text
-        rewards.append(f1 + 0.1 * both_tools if f1 > 0 else 0.0)
-    return rewards
+    """The paper's reward (Eq. 8) with TRL's signature: `arpo_f1_score` of each completion."""
+    if len(completions) != len(answer):
+        raise ValueError(f"arpo_f1_reward got {len(completions)} completions but {len(answer)} answers")
+    return [arpo_f1_score(completion_text(c), gold) for c, gold in zip(completions, answer)]
 
 
 def math_exact_reward(completions: list, answer: list, **kwargs) -> list[float]:

@@ -1,10 +1,26 @@
+import json
 import threading
+from collections import Counter
+from pathlib import Path
 
 import pytest
 from datasets import Dataset
 
 from arpo_trl.data import fix_boxed, load_questions, tag_system_prompt, to_conversational
-from arpo_trl.rewards import arpo_f1_reward, format_valid, get_reward_function, last_boxed, math_exact_reward, token_f1
+from arpo_trl.rewards import (
+    arpo_f1_reward,
+    arpo_f1_score,
+    format_valid,
+    get_reward_function,
+    last_boxed,
+    math_exact_reward,
+    normalize_answer,
+    token_f1,
+)
+
+# Cases with the value the official compute_score (RUC-NLPIR/ARPO, verl/utils/reward_score/deep_research.py) gives
+# each, derived by running it; `expected` differs from `official` only where a `deviation` says why.
+OFFICIAL_CASES = [json.loads(line) for line in (Path(__file__).parent / "data" / "arpo_f1_official_cases.jsonl").open()]
 
 GOOD = "<think>plan</think><python>print(6*7)</python><result>\n42\n</result><answer>So \\boxed{42}.</answer>"
 
@@ -30,6 +46,47 @@ def test_paper_reward_cases():
     assert rewards[4] == pytest.approx(2 * 0.5 * 1 / 1.5)  # partial token F1
     # gold answers may be a list: the best match counts; message-list completions are read whole
     assert arpo_f1_reward([[{"role": "assistant", "content": GOOD}]], [["7", "42"]]) == [1.0]
+
+
+def test_official_case_table_is_large_and_covers_every_kind():
+    kinds = Counter(c["category"].split(":")[0] for c in OFFICIAL_CASES)
+    assert len(OFFICIAL_CASES) >= 200
+    for kind in ("numbers", "text", "fractions", "boxes", "unicode", "after_answer", "tags_in_results", "tools"):
+        assert kinds[kind] >= 10, kind
+    values = Counter(c["official"] for c in OFFICIAL_CASES)
+    assert values[-1.0] >= 40 and values[0.0] >= 40 and values[1.0] >= 40  # not one dominant outcome
+    assert sum(0 < v < 1 or v > 1 for v in values.elements()) >= 20  # partial F1 and the multi-tool bonus
+
+
+@pytest.mark.parametrize("case", OFFICIAL_CASES, ids=lambda c: f"{c['id']}-{c['category']}")
+def test_arpo_f1_matches_the_official_compute_score(case):
+    got = arpo_f1_score(case["response"], case["ground_truth"])
+    assert got == pytest.approx(case["expected"], abs=1e-12), case.get("note", "")
+    if "deviation" not in case:
+        assert case["expected"] == case["official"]
+    else:
+        assert case["deviation"].startswith("boxed-space")  # the only documented departure
+    assert arpo_f1_reward([[{"role": "assistant", "content": case["response"]}]], [case["ground_truth"]]) == [
+        pytest.approx(case["expected"], abs=1e-12)
+    ]
+
+
+def test_official_normalisation_deletes_punctuation_and_keeps_non_ascii():
+    assert normalize_answer("1,000") == "1000" and normalize_answer("E.H. Shepard") == "eh shepard"
+    assert normalize_answer("The  Zürich—café, an X") == "zürich—café x"  # unicode punctuation is not ASCII's
+    assert token_f1("1,000", "1000") == 1.0 and token_f1("\\text{70}", "70") == 0.0  # "text70" vs "70"
+
+
+def test_tags_inside_a_tool_result_do_not_break_the_format():
+    quoted = "<think>t</think><search>q</search><result>a page showing <search>x</search></result>"
+    assert format_valid(quoted + "<answer>\\boxed{1}</answer>")
+    stray = "<think>t</think><search>q</search><result>a page showing <search> alone</result>"
+    assert format_valid(stray + "<answer>\\boxed{1}</answer>")  # the scan resumes after </result>
+
+
+def test_reward_lengths_must_match():
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        arpo_f1_reward(["a", "b"], ["1"])
 
 
 def test_token_f1_and_boxed_extraction():
