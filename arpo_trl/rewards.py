@@ -55,9 +55,8 @@ def boxed_answer(answer: str) -> str | None:
     (docs/reproduction.md lists the case).
     """
     starts = [m.start() for m in _BOXED.finditer(answer)]
-    if not starts or not answer.startswith("\\boxed{", starts[-1]):
-        return None
-    return last_boxed(answer[starts[-1] :])
+    # from the last \boxed on, a \boxed{ can only be that one: anything else reads as no answer
+    return last_boxed(answer[starts[-1] :]) if starts else None
 
 
 _BOXED = re.compile(r"\\boxed(?! )")
