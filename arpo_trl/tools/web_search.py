@@ -5,15 +5,24 @@ The API contract is deliberately small so that most search services fit by confi
 never stored in the object) in a header; a JSON answer whose result list sits at `results_path` (dotted,
 e.g. ``"webPages.value"`` for the Bing API, ``"organic"`` for a SERP proxy) and whose items carry a snippet
 (``snippet``/``description``/``text``/``content``) and optionally a title.
+
+Results read as the official ARPO search tool renders them: the snippets de-duplicated, the first `top_k` (10),
+each cut to `max_chars` (1,000) characters, ``Page i: …`` lines, ``No search results found.`` when there are none;
+double quotes are removed from the query. ``cache_file`` reads and writes the official search-cache format (one
+JSON object mapping each query to its rendered result, e.g. the released ``search_cache/search_cache.json``), so
+that cache replays offline: with ``endpoint=None`` the tool answers from the file alone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import tempfile
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,6 +32,14 @@ from typing import Any
 
 from .base import StringTool, ToolOutput, TransientToolError
 from .search import NO_RESULTS, format_pages, snippet_of
+
+
+def format_official(snippets: Sequence[str], top_k: int = 10, max_chars: int = 1000) -> str:
+    """The official rendering: the first `top_k` snippets (already de-duplicated), each cut to `max_chars`
+    characters as they are (no ellipsis, line breaks kept), as ``Page i: …`` lines; a fixed text when empty."""
+    lines = [f"Page {i}: {snippet[:max_chars]}" for i, snippet in enumerate(list(snippets)[:top_k], 1)]
+    return "\n".join(lines) or NO_RESULTS
+
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +57,13 @@ class WebSearch(StringTool):
         key_header: the header carrying the key; `key_prefix` is put before it (e.g. ``"Bearer "``).
         top_k: pages returned (the paper: 10). max_chars: each snippet is cut to this (the paper: 1000).
         timeout: HTTP timeout in seconds.
+        cache_file: an official-format search cache (a JSON object, query → rendered result), read at start and
+            merged back after each new answer (under a ``.lock`` file, atomically), so concurrent processes
+            share it. With ``endpoint=None`` it is replayed alone: a query it lacks gets an error result.
         cache_dir: folder of the on-disk cache (one JSON file per query; None: no cache). Only successful
             answers are cached, so an outage is not remembered.
+        result_format: ``"official"`` (the official tool's rendering, above) or ``"compact"`` (whitespace
+            collapsed, an ellipsis where a snippet is cut).
         query_param / count_param: the URL parameters for the query and the number of results.
         results_path: dotted path of the result list in the JSON answer.
         extra_params / headers: sent with every request.
@@ -55,7 +77,7 @@ class WebSearch(StringTool):
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: str | None,
         api_key_env: str | None = "SEARCH_API_KEY",
         key_header: str = "Authorization",
         key_prefix: str = "Bearer ",
@@ -70,6 +92,8 @@ class WebSearch(StringTool):
         headers: Mapping[str, str] | None = None,
         include_titles: bool = False,
         name: str | None = None,
+        cache_file: str | os.PathLike | None = None,
+        result_format: str = "official",
     ) -> None:
         super().__init__(
             name=name,
@@ -78,9 +102,15 @@ class WebSearch(StringTool):
             ),
             argument_description="The search query.",
         )
-        scheme = urllib.parse.urlsplit(endpoint).scheme
-        if scheme not in ("http", "https"):
+        if endpoint is None:
+            if cache_file is None:
+                raise ValueError("WebSearch needs an endpoint, or a cache_file to replay offline (endpoint=None)")
+            api_key_env = None  # nothing is requested
+        elif urllib.parse.urlsplit(endpoint).scheme not in ("http", "https"):
             raise ValueError(f"WebSearch endpoint must be an http(s) URL, got {endpoint!r}")
+        if result_format not in ("official", "compact"):
+            raise ValueError(f"result_format must be 'official' or 'compact', got {result_format!r}")
+        self.result_format = result_format
         if api_key_env is not None and not os.environ.get(api_key_env):
             raise ValueError(
                 f"WebSearch needs an API key in the environment variable {api_key_env} (it is unset or empty); "
@@ -102,13 +132,59 @@ class WebSearch(StringTool):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.cache_file = Path(cache_file) if cache_file is not None else None
+        self._file_lock = threading.Lock()
+        self._file_cache: dict[str, str] = self._read_cache_file() if self.cache_file is not None else {}
+
+    # -- the official cache file ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """This process's threads, then other processes (the official tool's ``<cache>.lock`` convention)."""
+        with self._file_lock, open(str(self.cache_file) + ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read_cache_file(self) -> dict[str, str]:
+        assert self.cache_file is not None
+        if not self.cache_file.exists():
+            return {}
+        try:
+            data = json.loads(self.cache_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"search cache {self.cache_file} is not readable JSON: {exc}") from None
+        if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+            raise ValueError(f"search cache {self.cache_file} must be a JSON object mapping queries to result text")
+        return data
+
+    def _write_cache_file(self, query: str, result: str) -> None:
+        assert self.cache_file is not None
+        try:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            with self._locked():
+                merged = self._read_cache_file()  # another process may have added entries since we read it
+                merged.update(self._file_cache)
+                merged[query] = result
+                fd, tmp = tempfile.mkstemp(dir=self.cache_file.parent, prefix=".tmp-")
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(merged, f, ensure_ascii=False, indent=2)
+                os.replace(tmp, self.cache_file)
+                self._file_cache = merged
+        except (OSError, ValueError) as exc:
+            logger.warning("could not write the search cache %s: %s", self.cache_file, exc)
 
     # -- cache ------------------------------------------------------------------------------------------------
 
     def _cache_file(self, query: str) -> Path | None:
         if self.cache_dir is None:
             return None
-        key = json.dumps([self.endpoint, self.results_path, self.top_k, self.max_chars, self.include_titles, query])
+        key = [self.endpoint, self.results_path, self.top_k, self.max_chars, self.include_titles, query]
+        if self.result_format != "official":  # keys of official-format entries stay those of earlier versions
+            key.append(self.result_format)
+        key = json.dumps(key)
         return self.cache_dir / (hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest() + ".json")
 
     def _cache_get(self, query: str) -> str | None:
@@ -188,18 +264,39 @@ class WebSearch(StringTool):
 
     def run(self, query: str) -> str:
         """The top snippets for `query`; raises `TransientToolError` for failures worth a retry."""
-        query = " ".join(query.split())
-        if not query:
+        query = query.strip().replace('"', "")  # as the official tool: its cache keys are these queries
+        if not query.strip():
             return NO_RESULTS
+        if query in self._file_cache:
+            return self._file_cache[query]
         cached = self._cache_get(query)
         if cached is not None:
             return cached
+        if self.endpoint is None:
+            return ToolOutput(f"Error: the query is not in the offline search cache {self.cache_file.name}", error=True)
         try:
-            result = format_pages(self._snippets(self._request(query)), self.max_chars)
+            snippets = self._snippets(self._request(query))
         except _PermanentSearchError as exc:
             return ToolOutput(f"Error: {exc}", error=True)
+        if self.result_format == "official":
+            result = format_official(snippets, self.top_k, self.max_chars)
+        else:
+            result = format_pages(snippets, self.max_chars)
         self._cache_put(query, result)
+        if self.cache_file is not None:
+            with self._file_lock:
+                self._file_cache = {**self._file_cache, query: result}
+            self._write_cache_file(query, result)
         return result
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_file_lock")  # locks do not pickle (tools travel to worker processes)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._file_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"WebSearch(name={self.name!r}, endpoint={self.endpoint!r}, key_env={self.api_key_env!r})"

@@ -80,23 +80,66 @@ def make(api, tmp_path, **kw) -> WebSearch:
 
 def test_request_and_formatting(api, tmp_path):
     search = make(api, tmp_path)
-    out = search("who wrote   Emma?")
-    assert out.splitlines() == [
-        "Page 1: " + ("Snippet 0 about who wrote Emma?. " + "long " * 400)[:99].rstrip() + "…",
-        "Page 2: Snippet 1 about who wrote Emma?.",
-        "Page 3: Snippet 2 about who wrote Emma?.",
-    ]
+    out = search(' "who wrote Emma?" ')  # quotes removed and ends stripped, as the official tool
+    assert (
+        out.splitlines()
+        == [  # the official rendering: a hard cut at max_chars, the duplicate dropped
+            "Page 1: " + ("Snippet 0 about who wrote Emma?. " + "long " * 400)[:100],
+            "Page 2: Snippet 1 about who wrote Emma?.",
+            "Page 3: Snippet 2 about who wrote Emma?.",
+        ]
+    )
     (hit,) = FakeSearchAPI.hits
     assert hit["params"] == {"q": "who wrote Emma?", "count": "3"} and hit["auth"] == f"Bearer {KEY}"
     titled = make(api, tmp_path, include_titles=True)("titles")
     assert titled.splitlines()[1] == "Page 2: Result 1 for titles. Snippet 1 about titles."
+    compact = make(api, tmp_path, result_format="compact")("who wrote   Emma?")
+    assert (
+        compact.splitlines()[0]
+        == "Page 1: " + ("Snippet 0 about who wrote Emma?. " + "long " * 400)[:99].rstrip() + "…"
+    )
+
+
+def test_official_rendering_dedups_before_the_top_k_and_keeps_text_as_is():
+    from arpo_trl.tools.web_search import format_official
+
+    assert format_official([]) == "No search results found."
+    assert format_official([f"s{i}" for i in range(12)]).splitlines()[-1] == "Page 10: s9"
+    assert format_official(["a\nb", "x" * 1200]) == "Page 1: a\nb\nPage 2: " + "x" * 1000
+    search = WebSearch(None, cache_file="/nonexistent/none.json")
+    assert search._snippets({"results": [{"snippet": " a "}, {"snippet": "a"}, {"snippet": ""}, {"snippet": "b"}]}) == [
+        "a",
+        "b",
+    ]
+
+
+def test_official_cache_file_replays_offline_and_is_extended_in_its_format(api, tmp_path):
+    cache = tmp_path / "search_cache.json"
+    released = {"Amy Smart film debut": "Page 1: Campfire Tales (1997).", 'search query: "quoted"': "never hit"}
+    cache.write_text(json.dumps(released, ensure_ascii=False, indent=2))
+    offline = WebSearch(None, cache_file=cache)  # no endpoint, no key: replay only
+    assert offline("  Amy Smart film debut\n") == "Page 1: Campfire Tales (1997)."
+    missing = offline("not cached")
+    assert missing.error and "not in the offline search cache search_cache.json" in missing
+    online = WebSearch(api, api_key_env="TEST_SEARCH_KEY", cache_file=cache, top_k=2, max_chars=50)
+    assert online("Amy Smart film debut") == "Page 1: Campfire Tales (1997)." and not FakeSearchAPI.hits
+    fresh = online('new "query"')
+    assert fresh.startswith("Page 1: Snippet 0 about new query.") and len(FakeSearchAPI.hits) == 1
+    written = json.loads(cache.read_text())
+    assert written == {**released, "new query": fresh}  # the official layout: query -> rendered text, merged
+    assert WebSearch(None, cache_file=cache)("new query") == fresh  # a later offline run replays it
+    cache.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must be a JSON object mapping queries"):
+        WebSearch(None, cache_file=cache)
+    with pytest.raises(ValueError, match="needs an endpoint, or a cache_file"):
+        WebSearch(None)
 
 
 def test_disk_cache(api, tmp_path):
     search = make(api, tmp_path)
     first = search("cached query")
     assert search("cached query") == first and len(FakeSearchAPI.hits) == 1
-    assert make(api, tmp_path)("cached  query") == first and len(FakeSearchAPI.hits) == 1  # a new instance
+    assert make(api, tmp_path)(" cached query ") == first and len(FakeSearchAPI.hits) == 1  # a new instance
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1
     make(api, tmp_path)("other query")
     assert len(FakeSearchAPI.hits) == 2
