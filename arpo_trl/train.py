@@ -6,6 +6,11 @@
 A YAML ``--config`` sets the defaults of three dataclasses — `ARPOScriptArguments` (data, tools, rewards),
 `ARPOConfig` (training and ARPO) and TRL's `ModelConfig` (model, dtype, ``--use_peft --lora_r ...``) — and
 command-line flags override it. An ``env:`` mapping in the YAML is exported to the environment.
+
+The model is loaded the way TRL's own ``trl/scripts/grpo.py`` loads it: ``model_revision``, ``attn_implementation``,
+``dtype`` and ``trust_remote_code`` become ``model_init_kwargs`` and the quantization flags (``load_in_4bit``,
+``load_in_8bit``, ``bnb_4bit_quant_type``, ``use_bnb_nested_quant``, ``bnb_4bit_quant_storage``) a
+``BitsAndBytesConfig`` (TRL's `get_quantization_config`), both handed to the trainer, which creates the model.
 """
 
 from __future__ import annotations
@@ -14,13 +19,12 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-import torch
-from transformers import AutoModelForCausalLM
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from .config import ARPOConfig
-from .data import load_questions, tag_system_prompt, to_conversational
-from .models import load_tokenizer, resolve_model_path
+from .data import is_official_rl, load_questions, official_rl_to_conversational, to_conversational
+from .models import resolve_model_path
+from .prompts import resolve_system_prompt
 from .rewards import get_reward_function
 from .trainer import ARPOTrainer
 
@@ -35,7 +39,13 @@ class ARPOScriptArguments:
         default="reasoning_gym:basic_arithmetic",
         metadata={"help": "reasoning_gym:<task>, a .jsonl file, a saved dataset directory, or a dataset name."},
     )
-    dataset_size: int | None = field(default=512, metadata={"help": "Rows to use (generated ones for reasoning_gym)."})
+    dataset_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Rows to use, drawn with dataset_seed. Unset (the default): the whole dataset (reasoning_gym, "
+            "which has no natural size, then generates 1000)."
+        },
+    )
     dataset_seed: int = field(default=0, metadata={"help": "Seed of the generated or sampled rows."})
     question_column: str = field(default="question", metadata={"help": "Column holding the question."})
     answer_column: str = field(default="answer", metadata={"help": "Column holding the gold answer(s)."})
@@ -47,22 +57,64 @@ class ARPOScriptArguments:
     search_corpus: str | None = field(
         default=None, metadata={"help": "JSONL corpus (title/text) for the search tool; 'wiki' for the demo corpus."}
     )
-    python_timeout: float = field(default=10.0, metadata={"help": "Wall-clock seconds per Python tool run."})
+    search_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "An official search-cache JSON file (query -> formatted result, e.g. the released "
+            "search_cache/search_cache.json): the search tool becomes WebSearch replaying it offline (a query "
+            "missing from it gets an error result), or calling search_endpoint and adding to it when that is set."
+        },
+    )
+    search_endpoint: str | None = field(
+        default=None, metadata={"help": "HTTP search API for WebSearch (with search_cache; key in $SEARCH_API_KEY)."}
+    )
+    python_timeout: float = field(
+        default=10.0, metadata={"help": "Wall-clock seconds per Python tool run (the official code: 120)."}
+    )
+    python_max_output_chars: int | None = field(
+        default=4000,
+        metadata={
+            "help": "Longest Python output returned to the model. Unset (null): no cap beyond the sandbox's "
+            "output file limit, as the official code."
+        },
+    )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["arpo_f1"], metadata={"help": "Rewards: arpo_f1, math_exact, or dotted paths."}
     )
     system_prompt: str | None = field(
-        default=None, metadata={"help": "System prompt; default: the tag-format instructions for the chosen tools."}
+        default=None,
+        metadata={
+            "help": "System prompt: a name (official: the official ARPO prompt; official_search, official_math; "
+            "tags: our tag-format instructions for the chosen tools) or the text itself. Default: the data's own "
+            "system message for the official RL parquet files, else tags."
+        },
+    )
+    repair_boxed: bool = field(
+        default=True,
+        metadata={"help": "Repair the official data's \\x08oxed (a backspace) into \\boxed in prompts."},
     )
 
 
 def build_tools(script_args: ARPOScriptArguments) -> list:
-    from .tools import LocalSearch, PythonInterpreter, build_wiki_corpus
+    from .tools import LocalSearch, PythonInterpreter, WebSearch, build_wiki_corpus
 
     tools = []
     for name in script_args.tools:
         if name == "python":
-            tools.append(PythonInterpreter(timeout=script_args.python_timeout))
+            max_chars = script_args.python_max_output_chars
+            kwargs = {} if max_chars is None else {"max_output_chars": max_chars}
+            python = PythonInterpreter(timeout=script_args.python_timeout, **kwargs)
+            if max_chars is None:  # no cap of our own: the sandbox's output file limit bounds it
+                python.max_output_chars = python.max_file_mb << 20
+            tools.append(python)
+        elif name == "search" and (script_args.search_cache or script_args.search_endpoint):
+            tools.append(
+                WebSearch(
+                    endpoint=script_args.search_endpoint,
+                    cache_file=script_args.search_cache,
+                    api_key_env="SEARCH_API_KEY" if script_args.search_endpoint else None,
+                )
+            )
         elif name == "search":
             corpus = script_args.search_corpus
             if corpus in (None, "wiki"):
@@ -80,26 +132,75 @@ def build_tools(script_args: ARPOScriptArguments) -> list:
     return tools
 
 
+def model_init_kwargs(model_args: ModelConfig, training_args: ARPOConfig) -> dict:
+    """The ``from_pretrained`` keyword arguments TRL's ``scripts/grpo.py`` builds from the flags; the recipe's
+    own ``model_init_kwargs`` win, as there."""
+    kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+    kwargs.update(training_args.model_init_kwargs or {})
+    return kwargs
+
+
+def quantization_config(model_args: ModelConfig):
+    """TRL's `get_quantization_config` (4- or 8-bit bitsandbytes), failing early and clearly where it cannot load."""
+    config = get_quantization_config(model_args)
+    if config is not None:
+        import importlib.util
+
+        flag = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ImportError(f"{flag} quantizes with bitsandbytes, which is not installed: pip install bitsandbytes")
+        if not model_args.use_peft:
+            raise ValueError(f"{flag} trains a quantized model, which only works with LoRA: add --use_peft")
+    return config
+
+
+def load_tokenizer(path: str, revision: str | None = None):
+    """The model's tokenizer with its exact ids (`arpo_trl.models.load_tokenizer`), at the model's revision."""
+    from transformers import PreTrainedTokenizerFast
+
+    kwargs = {} if revision in (None, "main") else {"revision": revision}
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_dataset(script_args: ARPOScriptArguments):
+    """The training prompts: the official RL layout keeps its own messages; question/answer rows get the system
+    prompt."""
+    tool_names = list(script_args.tools)
+    rows = load_questions(script_args.dataset_name, script_args.dataset_size, script_args.dataset_seed)
+    if is_official_rl(rows):
+        override = script_args.system_prompt
+        system = None if override is None else resolve_system_prompt(override, tool_names)
+        return official_rl_to_conversational(rows, system, script_args.repair_boxed)
+    system = resolve_system_prompt(script_args.system_prompt, tool_names)
+    return to_conversational(rows, system, script_args.question_column, script_args.answer_column)
+
+
 def build_trainer(script_args: ARPOScriptArguments, training_args: ARPOConfig, model_args: ModelConfig) -> ARPOTrainer:
     path = resolve_model_path(model_args.model_name_or_path)
-    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
-    tokenizer = load_tokenizer(path)
-    tool_names = list(script_args.tools)
-    system_prompt = script_args.system_prompt or tag_system_prompt(tool_names)
-    questions = load_questions(script_args.dataset_name, script_args.dataset_size, script_args.dataset_seed)
-    dataset = to_conversational(questions, system_prompt, script_args.question_column, script_args.answer_column)
+    quantization = quantization_config(model_args)
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+    tokenizer = load_tokenizer(path, model_args.model_revision)
+    dataset = build_dataset(script_args)
     eval_dataset = None
     if script_args.eval_size:
         split = dataset.train_test_split(test_size=script_args.eval_size, seed=script_args.dataset_seed)
         dataset, eval_dataset = split["train"], split["test"]
     return ARPOTrainer(
-        model=model,
+        model=path,  # created by the trainer from model_init_kwargs, as TRL's scripts do
         reward_funcs=[get_reward_function(name) for name in script_args.reward_funcs],
         args=training_args,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
+        quantization_config=quantization,
         peft_config=get_peft_config(model_args),
         tools=build_tools(script_args),
     )
