@@ -113,8 +113,10 @@ class EntropyTable:
 
 
 def vllm_available() -> bool:
-    """True when `vllm` can be imported (without importing it)."""
-    return importlib.util.find_spec("vllm") is not None
+    """True when the `vllm` package is installed (checked without importing it, which takes seconds)."""
+    spec = importlib.util.find_spec("vllm")
+    # A directory named vllm on sys.path (tests/vllm under pytest) is an empty namespace package: origin None.
+    return spec is not None and spec.origin is not None
 
 
 @dataclass

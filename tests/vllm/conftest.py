@@ -1,0 +1,57 @@
+"""One real vLLM engine for the whole folder, over the tool-calling tiny model, and its transformers twin.
+
+vLLM's CPU attention supports head sizes of 32 and more, and the tiny test model has 16 (hidden 64, 4 heads), so
+the engine runs an exact re-layout of it with head size 32 (`vllm_helpers.widen_heads`): same function, same
+tokens.
+"""
+
+import pytest
+
+from arpo_trl.rollout.vllm_engine import INSTALL_HINT, vllm_available
+
+if not vllm_available():
+    pytest.skip(f"vLLM tests skipped: {INSTALL_HINT}", allow_module_level=True)
+
+import torch  # noqa: E402
+from vllm_helpers import prompt_ids, widen_heads  # noqa: E402
+
+from arpo_trl.testing import build_tiny_model  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "vllm_last: runs after every other test (it shuts the shared engine down)")
+
+
+def pytest_collection_modifyitems(config, items):
+    last = [item for item in items if item.get_closest_marker("vllm_last")]
+    items[:] = [item for item in items if not item.get_closest_marker("vllm_last")] + last
+
+
+@pytest.fixture(scope="session")
+def hf_model(tokenizer, tool_model_state):
+    """The transformers model the engine serves (float32, eval)."""
+    narrow = build_tiny_model(tokenizer)
+    narrow.load_state_dict(tool_model_state)
+    narrow.eval()
+    model = widen_heads(narrow)
+    ids = torch.tensor([prompt_ids(tokenizer, 3, 4, 5)])
+    with torch.no_grad():  # the re-layout is exact: it must not change what the model computes
+        assert (model(ids).logits - narrow(ids).logits).abs().max() < 1e-4
+    return model
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer, hf_model):
+    path = tmp_path_factory.mktemp("vllm-model")
+    hf_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def engine(model_dir):
+    from arpo_trl.rollout.vllm_engine import VLLMEngine
+
+    eng = VLLMEngine(model_dir, temperature=1.0, max_model_len=1024, kv_cache_gib=0.25, seed=0)
+    yield eng
+    eng.shutdown()

@@ -1,0 +1,39 @@
+"""Shutting the shared engine down (runs last: see the `vllm_last` marker in conftest)."""
+
+import glob
+import os
+
+import psutil
+import pytest
+from vllm_helpers import collect
+
+
+def _children() -> list[psutil.Process]:
+    # Python's multiprocessing resource tracker is one helper per parent process, shared by every spawn context
+    # (not the engine's): it lives until the parent exits.
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" not in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+@pytest.mark.vllm_last
+def test_shutdown_leaves_no_process_thread_or_file(engine, tokenizer):
+    assert _children(), "the engine should be running in child processes"
+    engine.run(
+        collect(engine, "last", [1, 2, 3], 2, read_entropies=False, entropy_tokens=2)
+    )  # its entries are never read: left behind
+    tables = glob.glob(os.path.join(engine._scratch, f"arpo-vllm-{os.getpid()}-*"))
+    assert tables
+    engine.shutdown()
+    engine.shutdown()  # idempotent
+    gone, alive = psutil.wait_procs(_children(), timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
+    assert not engine._thread.is_alive()
+    assert not any(os.path.exists(t) for t in tables)
+    with pytest.raises(RuntimeError):
+        engine.run(engine.entropies([]))
