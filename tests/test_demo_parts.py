@@ -73,5 +73,10 @@ def test_paper_recipes_parse_and_validate(recipe, tmp_path, monkeypatch):
     assert (config.num_generations, config.initial_rollouts, config.learning_rate, config.beta) == (m, n, 1e-6, 0.0)
     assert config.lr_scheduler_type == "constant" and config.epsilon == 0.2 and config.delta == 3.0
     assert script.tools == ["python", "search"] and script.reward_funcs == ["arpo_f1"]
+    # the official data (all rows), prompt and tool settings; search replays the released cache
+    assert script.dataset_name.endswith(".parquet") and script.dataset_size is None
+    assert script.system_prompt == "official" and script.search_cache.endswith("search_cache.json")
+    assert (script.python_timeout, script.python_max_output_chars) == (120, None)
+    assert "rollout_preset: official" in open(f"recipes/{recipe}").read()  # the documented official-mode switch
     # one process here; the recipes are sized for 8: the generation batch per process holds whole groups either way
     assert (config.per_device_train_batch_size * config.steps_per_generation) % m == 0

@@ -180,3 +180,20 @@ def test_sharegpt_errors_name_the_bad_turn(tmp_path):
     path.write_text(json.dumps({"messages": []}))
     with pytest.raises(ValueError, match="needs a non-empty 'conversations' list"):
         load_sharegpt(path)
+
+
+def test_recipe_tool_settings_reach_the_tools(tmp_path):
+    from arpo_trl.tools import PythonInterpreter, WebSearch
+    from arpo_trl.train import ARPOScriptArguments, build_tools
+
+    cache = tmp_path / "search_cache.json"
+    cache.write_text(json.dumps({"q": "Page 1: r"}))
+    args = ARPOScriptArguments(
+        tools=["python", "search"], search_cache=str(cache), python_timeout=120, python_max_output_chars=None
+    )
+    python, search = build_tools(args)
+    assert isinstance(python, PythonInterpreter) and python.timeout == 120
+    assert python.max_output_chars == python.max_file_mb << 20  # no cap beyond the sandbox's output file limit
+    assert isinstance(search, WebSearch) and search.endpoint is None and search("q") == "Page 1: r"
+    python = build_tools(ARPOScriptArguments(tools=["python"], python_max_output_chars=500))[0]
+    assert python.max_output_chars == 500
