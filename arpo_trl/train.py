@@ -105,7 +105,7 @@ def build_tools(script_args: ARPOScriptArguments) -> list:
             kwargs = {} if max_chars is None else {"max_output_chars": max_chars}
             python = PythonInterpreter(timeout=script_args.python_timeout, **kwargs)
             if max_chars is None:  # no cap of our own: the sandbox's output file limit bounds it
-                python.max_output_chars = python.max_file_mb << 20
+                python.max_output_chars = python.limits.file_mb << 20
             tools.append(python)
         elif name == "search" and (script_args.search_cache or script_args.search_endpoint):
             tools.append(

@@ -192,8 +192,8 @@ def test_recipe_tool_settings_reach_the_tools(tmp_path):
         tools=["python", "search"], search_cache=str(cache), python_timeout=120, python_max_output_chars=None
     )
     python, search = build_tools(args)
-    assert isinstance(python, PythonInterpreter) and python.timeout == 120
-    assert python.max_output_chars == python.max_file_mb << 20  # no cap beyond the sandbox's output file limit
+    assert isinstance(python, PythonInterpreter) and python.limits.wall_s == 120
+    assert python.max_output_chars == python.limits.file_mb << 20  # no cap beyond the sandbox's output file limit
     assert isinstance(search, WebSearch) and search.endpoint is None and search("q") == "Page 1: r"
     python = build_tools(ARPOScriptArguments(tools=["python"], python_max_output_chars=500))[0]
     assert python.max_output_chars == 500
