@@ -298,10 +298,24 @@ class VLLMEngine:
     @staticmethod
     async def _start(args: dict[str, Any]):
         # Created on the loop that will drive it: its sockets and output task belong to that loop.
+        from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.inputs import TokensPrompt
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        # Some configurations start, then fail at their first forward pass (e.g. a head size the CPU attention
+        # kernels lack): one token now, so a broken engine fails here rather than in the middle of a rollout.
+        try:
+            async for _ in engine.generate(TokensPrompt(prompt_token_ids=[0]), SamplingParams(max_tokens=1),
+                                           "arpo-warmup"):  # fmt: skip
+                pass
+        except Exception as exc:
+            engine.shutdown()
+            raise RuntimeError(
+                f"the vLLM engine started but failed its first step: {exc!r} (see its log above)"
+            ) from exc
+        return engine
 
     # ------------------------------------------------------------------ the loop
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -422,6 +436,8 @@ class VLLMEngine:
     # ------------------------------------------------------------------ shutdown
     def shutdown(self) -> None:
         """Stop the engine, its processes and the loop thread; idempotent (also runs at exit)."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("VLLMEngine.shutdown() called from the engine's own loop: call it from another thread")
         with self._close_lock:
             if self._closed:
                 return
@@ -429,7 +445,7 @@ class VLLMEngine:
         atexit.unregister(self.shutdown)
         engine, self._engine = self._engine, None
         try:
-            if engine is not None:
+            if self._loop.is_running():
                 with contextlib.suppress(Exception):
                     self.run(_shutdown(engine))
         finally:
@@ -448,10 +464,18 @@ class VLLMEngine:
         self.shutdown()
 
 
-async def _shutdown(engine) -> None:
-    # On the loop, so the engine's output task is cancelled where it runs; the engine joins its processes.
-    engine.shutdown()
-    await asyncio.sleep(0)
+async def _shutdown(engine: Any) -> None:
+    # On the loop, so the engine's output task is cancelled where it runs; the engine joins its processes. Then
+    # every other task on the loop (streams still running) is cancelled, so no caller of `run` waits forever.
+    if engine is not None:
+        engine.shutdown()
+    current = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not current]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=10)
+    await asyncio.get_running_loop().shutdown_asyncgens()
 
 
 def _finish(completion) -> str | None:
