@@ -16,12 +16,12 @@ argmax-invariant processors for greedy batches.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from .entropy import token_entropy
 from .vllm_engine import EXTRA_ARGS_KEY, EntropyTable
 
 
@@ -94,11 +94,28 @@ class EntropyProcessor(LogitsProcessor):
         for index in done:  # its window is complete: no more work for it
             del self._rows[index]
         if indices:
-            rows = logits[torch.tensor(indices, device=logits.device)].float()
-            rows = rows * torch.tensor(scales, device=logits.device, dtype=torch.float32).unsqueeze(1)
-            for (tracked, position), value in zip(targets, token_entropy(rows).tolist()):
+            order = sorted(range(len(indices)), key=indices.__getitem__)
+            indices = [indices[i] for i in order]
+            scales = [scales[i] for i in order]
+            targets = [targets[i] for i in order]
+            if indices[-1] - indices[0] == len(indices) - 1:  # a contiguous run of rows (the usual case): a view
+                rows = logits[indices[0] : indices[-1] + 1]
+            else:
+                rows = logits[torch.tensor(indices, device=logits.device)]
+            scale = torch.tensor(scales, device=logits.device, dtype=torch.float32).unsqueeze(1)
+            for (tracked, position), value in zip(targets, scaled_entropy(rows, scale).tolist()):
                 tracked.table.write(tracked.row, tracked.tag, position, value)
         return logits
+
+
+def scaled_entropy(logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`entropy.token_entropy` of ``logits * scale`` (scale = 1/T per row), with the scaling folded into its first
+    pass and the later ones in place: about 4x faster per step on CPU than gathering, scaling, then calling it."""
+    logits = logits.float()  # no copy when already float32 (vLLM hands the processors float32)
+    z = (logits - logits.amax(dim=-1, keepdim=True)).mul_(scale).clamp_(min=-1e4)
+    e = z.exp()
+    total = e.sum(dim=-1)
+    return total.log() - e.mul_(z).sum(dim=-1) / total
 
 
 def _refresh_tied_lm_head(model: torch.nn.Module, tied: bool) -> None:
@@ -115,6 +132,10 @@ def _refresh_tied_lm_head(model: torch.nn.Module, tied: bool) -> None:
 
 class WeightSyncExtension:
     """Mixed into vLLM's worker class (``worker_extension_cls``); called through ``collective_rpc`` by name."""
+
+    def arpo_ping(self) -> int:
+        """A no-op round trip to the worker (its pid): measures what an RPC per entropy read would cost."""
+        return os.getpid()
 
     def arpo_load_weights(self, path: str) -> int:
         """Reload the weights saved with `torch.save` at `path` (HF names); return how many tensors were given."""

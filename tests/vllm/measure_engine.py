@@ -1,0 +1,103 @@
+"""Figures of the vLLM engine layer (not a test): start, throughput, entropy overhead, entropies() latency, weights.
+
+    HF_HUB_OFFLINE=1 python tests/vllm/measure_engine.py [--model DIR] [--requests 16] [--tokens 64]
+
+Without --model it serves the tests' tiny model (re-laid out to head size 32). Timings alternate the variants
+rep by rep, so a machine shared with other work loads them alike; read them as ratios.
+"""
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def tiny_model_dir() -> str:
+    from vllm_helpers import widen_heads
+
+    from arpo_trl.testing import load_tokenizer, tool_sft
+
+    tok = load_tokenizer()
+    path = tempfile.mkdtemp(prefix="arpo-vllm-measure-")
+    widen_heads(tool_sft(tok).eval()).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from arpo_trl.rollout.vllm_engine import VLLMEngine
+
+    path = args.model or tiny_model_dir()
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts = [tok.encode(f"Story {i}: once upon a time, a robot number {i} said", add_special_tokens=False)
+               for i in range(args.requests)]  # fmt: skip
+    engine = VLLMEngine(path, temperature=1.0, max_model_len=1024, kv_cache_gib=0.5)
+    print(f"engine start: {engine.start_seconds:.1f} s (block size {engine.block_size})")
+    latencies: list[float] = []
+
+    async def batch(k: int, tag: str) -> int:
+        async def one(i):
+            rid, n = f"{tag}-{i}", 0
+            async for update in engine.stream(rid, prompts[i], args.tokens, None, entropy_tokens=k, seed=i):
+                n += len(update.token_ids)
+                if k:
+                    t0 = time.perf_counter()
+                    await engine.entropies([rid])
+                    latencies.append(time.perf_counter() - t0)
+            engine.forget([rid])
+            return n
+
+        return sum(await asyncio.gather(*(one(i) for i in range(args.requests))))
+
+    engine.run(batch(0, "warm"))
+    rates: dict[int, list[float]] = {0: [], 20: [], args.tokens: []}
+    for rep in range(args.reps):
+        for k in rates:
+            t0 = time.perf_counter()
+            n = engine.run(batch(k, f"r{rep}-k{k}"))
+            rates[k].append(n / (time.perf_counter() - t0))
+    for k, r in rates.items():
+        label = "no entropy" if not k else f"entropy of the first {k} tokens"
+        print(
+            f"{args.requests} x {args.tokens} tokens, {label}: {statistics.median(r):.0f} tok/s (reps {[round(x) for x in r]})"
+        )
+    base = statistics.median(rates[0])
+    for k in list(rates)[1:]:
+        print(f"entropy overhead, k={k}: {100 * (base / statistics.median(rates[k]) - 1):+.1f} % time")
+    print(f"entropies() latency while streaming: median {1e6 * statistics.median(latencies):.0f} us, "
+          f"max {1e6 * max(latencies):.0f} us over {len(latencies)} calls")  # fmt: skip
+
+    async def ping() -> float:
+        t0 = time.perf_counter()
+        await engine._engine.collective_rpc("arpo_ping")
+        return time.perf_counter() - t0
+
+    idle = [engine.run(ping()) for _ in range(20)]
+    print(f"for comparison, one collective_rpc round trip to the worker (idle engine): median "
+          f"{1e3 * statistics.median(idle):.2f} ms")  # fmt: skip
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    times = [engine.load_weights(model.state_dict().items()) for _ in range(3)]
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+    print(f"load_weights ({size:.0f} MiB float32): {[round(t, 2) for t in times]} s")
+    t0 = time.perf_counter()
+    engine.shutdown()
+    print(f"shutdown: {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
