@@ -407,6 +407,11 @@ class VLLMEngine:
             if slot is not None:
                 self._tables.release(slot)
 
+    def entropy_stats(self) -> dict[str, float]:
+        """The entropy processor's own timer since the engine started: ``seconds`` spent computing entropies,
+        ``steps`` that computed some, ``rows`` computed (one per token measured). One RPC: not for the hot path."""
+        return self.run(self._engine.collective_rpc("arpo_entropy_stats"))[0]
+
     # ------------------------------------------------------------------ weights
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
         """Replace the engine's weights with `named_tensors` (HF state-dict names, e.g. ``model.state_dict()

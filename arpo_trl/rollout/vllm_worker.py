@@ -17,12 +17,16 @@ argmax-invariant processors for greedy batches.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from .vllm_engine import EXTRA_ARGS_KEY, EntropyTable
+
+# The processor's own timer, per worker process: seconds in `apply` with tracked rows, such steps, rows measured.
+STATS = {"seconds": 0.0, "steps": 0, "rows": 0}
 
 
 class _Tracked:
@@ -80,6 +84,13 @@ class EntropyProcessor(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self._rows:
             return logits
+        start = time.perf_counter()
+        self._apply(logits)
+        STATS["seconds"] += time.perf_counter() - start
+        STATS["steps"] += 1
+        return logits
+
+    def _apply(self, logits: torch.Tensor) -> None:
         indices, scales, targets, done = [], [], [], []
         for index, tracked in self._rows.items():
             # The token this row's logits will sample is the request's token number len(output_ids). A step that
@@ -105,7 +116,7 @@ class EntropyProcessor(LogitsProcessor):
             scale = torch.tensor(scales, device=logits.device, dtype=torch.float32).unsqueeze(1)
             for (tracked, position), value in zip(targets, scaled_entropy(rows, scale).tolist()):
                 tracked.table.write(tracked.row, tracked.tag, position, value)
-        return logits
+            STATS["rows"] += len(indices)
 
 
 def scaled_entropy(logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -136,6 +147,9 @@ class WeightSyncExtension:
     def arpo_ping(self) -> int:
         """A no-op round trip to the worker (its pid): measures what an RPC per entropy read would cost."""
         return os.getpid()
+
+    def arpo_entropy_stats(self) -> dict[str, float]:
+        return dict(STATS)
 
     def arpo_load_weights(self, path: str) -> int:
         """Reload the weights saved with `torch.save` at `path` (HF names); return how many tensors were given."""

@@ -7,10 +7,11 @@ import torch
 from arpo_trl.rollout.entropy import token_entropy
 from arpo_trl.testing import calc_prompt
 
-# |vLLM − transformers| on logprobs and entropies, float32 on both sides. Measured on this model: about 2e-6 for
-# logprobs and 5e-6 for entropies; the bounds leave room for other CPUs' kernels.
+# |vLLM − transformers| on logprobs and entropies, float32 on both sides. Measured on this model (32 tokens × 4
+# requests, T = 1 and 0.7, tests/vllm/measure_engine.py): at most 9e-6 for logprobs and 7e-6 for entropies; the
+# bounds leave room for other CPUs' kernels (the issue asks ≤ 1e-3 for entropies).
 LOGPROB_TOL = 1e-4
-ENTROPY_TOL = 1e-3
+ENTROPY_TOL = 1e-4
 
 
 def widen_heads(model, head_dim: int = 32):
