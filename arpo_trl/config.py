@@ -33,6 +33,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "rollout_fill": ("fresh", "speculative", "duplicate"),
     "tool_format": ("tags", "chat_template"),
     "call_limit_action": ("eos", "message"),
+    "entropy_estimator": ("exact", "top_k"),
 }
 _SHAPE_CHANGING_GENERATION_KWARGS = {
     "assistant_model",
@@ -63,7 +64,9 @@ class ARPOConfig(GRPOConfig):
     initial_rollouts: int | None = field(
         default=None,
         metadata={
-            "help": "N: trajectory-level rollouts started per prompt (1 ≤ N ≤ M). Default: num_generations // 2."
+            "help": "N: trajectory-level rollouts started per prompt (1 ≤ N ≤ M). Default (None): M // 2 when the "
+            "trainer has tools or environments, M without (nothing to branch on, so every rollout starts at once). "
+            "The trainer resolves it: `ARPOTrainer.initial_rollouts`."
         },
     )
     branch_factor: int = field(
@@ -138,6 +141,22 @@ class ARPOConfig(GRPOConfig):
             "distribution as forking one round later, fewer generation rounds, more tokens sampled."
         },
     )
+    entropy_estimator: str = field(
+        default="exact",
+        metadata={
+            "help": "How each token's entropy H is measured: 'exact' = over the whole vocabulary at the sampling "
+            "temperature (paper Eq. 3); 'top_k' = the official code's truncated estimate from vLLM's top-10 "
+            "logprobs plus the sampled token's (needs use_vllm=True).",
+            "choices": list(_CHOICES["entropy_estimator"]),
+        },
+    )
+    vllm_kv_cache_gib: float | None = field(
+        default=None,
+        metadata={
+            "help": "use_vllm, colocate: KV-cache size of ARPO's engine in GiB. None: 1 GiB on CPU; on GPU TRL's "
+            "vllm_gpu_memory_utilization decides."
+        },
+    )
     tool_format: str = field(
         default="tags",
         metadata={
@@ -180,6 +199,13 @@ class ARPOConfig(GRPOConfig):
         super().__post_init__()
         self._validate_arpo()
 
+    def resolve_initial_rollouts(self, has_tools: bool) -> int:
+        """N: `initial_rollouts` when set, else M // 2 with tools and M without (no tool result, no branch)."""
+        if self.initial_rollouts is not None:
+            return self.initial_rollouts
+        m = self.num_generations
+        return max(1, m // 2) if has_tools else m
+
     def _validate_arpo(self) -> None:
         """Checks ARPO's own fields; runs after GRPOConfig has derived the batch geometry."""
         m = self.num_generations
@@ -187,11 +213,9 @@ class ARPOConfig(GRPOConfig):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
-        if self.initial_rollouts is None:
-            self.initial_rollouts = max(1, m // 2)
-        if self.initial_rollouts < 1:
+        if self.initial_rollouts is not None and self.initial_rollouts < 1:
             raise ValueError(f"initial_rollouts (N) must be at least 1, got {self.initial_rollouts}")
-        if self.initial_rollouts > m:
+        if self.initial_rollouts is not None and self.initial_rollouts > m:
             raise ValueError(
                 f"initial_rollouts (N={self.initial_rollouts}) cannot exceed num_generations (M={m}), "
                 "the global budget per prompt"
@@ -232,10 +256,27 @@ class ARPOConfig(GRPOConfig):
                 "branches inside a group. Make per_device_train_batch_size × steps_per_generation a multiple of M."
             )
         if self.use_vllm:
+            from .rollout.vllm_engine import INSTALL_HINT, vllm_available
+
+            if not vllm_available():
+                raise ValueError(f"use_vllm=True: {INSTALL_HINT}")
+            if self.vllm_mode != "colocate":
+                raise ValueError(
+                    f"vllm_mode={self.vllm_mode!r} is not supported by ARPOTrainer yet: its asynchronous tree rollout "
+                    "streams every trajectory from an engine it starts in-process (vllm_mode='colocate')"
+                )
+            if self.speculative_forks:
+                raise ValueError(
+                    "speculative_forks=True is for the transformers round driver; with use_vllm=True forks start as "
+                    "soon as the k tokens after a tool result have streamed in (set speculative_forks=False)"
+                )
+        elif self.entropy_estimator == "top_k":
             raise ValueError(
-                "use_vllm=True is not supported yet by ARPOTrainer: its tree rollout runs on the transformers "
-                "`generate` backend (set use_vllm=False)"
+                "entropy_estimator='top_k' reads vLLM's top-10 logprobs: it needs use_vllm=True (the transformers "
+                "backend measures the exact entropy)"
             )
+        if self.vllm_kv_cache_gib is not None and self.vllm_kv_cache_gib <= 0:
+            raise ValueError(f"vllm_kv_cache_gib must be > 0, got {self.vllm_kv_cache_gib}")
         if self.use_transformers_continuous_batching:
             raise ValueError(
                 "use_transformers_continuous_batching=True is not supported by ARPOTrainer: it returns no "
@@ -284,6 +325,7 @@ class ARPOConfig(GRPOConfig):
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
                 setattr(upgraded, f.name, default)
         upgraded.tool_format = "chat_template"  # keep the swapped GRPOTrainer's tool calls working unchanged
+        # N stays None: the trainer resolves it from whether it has tools (M // 2) or not (M).
         upgraded._validate_arpo()
         logger.info("GRPOConfig upgraded to ARPOConfig with ARPO's default rollout settings")
         return upgraded

@@ -15,7 +15,9 @@ BASE = dict(
 
 def test_defaults_follow_the_paper_and_the_issue():
     c = ARPOConfig(**BASE)
-    assert c.initial_rollouts == 2  # N = M // 2
+    # N unset: the trainer resolves it, M // 2 with tools, M without
+    assert c.initial_rollouts is None
+    assert (c.resolve_initial_rollouts(has_tools=True), c.resolve_initial_rollouts(has_tools=False)) == (2, 4)
     assert (c.branch_factor, c.entropy_window) == (1, 20)
     assert (c.branch_base_probability, c.branch_entropy_weight) == (0.5, 0.2)
     assert (c.entropy_timing, c.advantage_attribution, c.rollout_fill, c.tool_format) == (
@@ -65,14 +67,19 @@ def test_group_straddling_two_processes_is_refused(monkeypatch):
 
 
 def test_vllm_is_refused_until_supported():
-    with pytest.raises(ValueError, match="use_vllm"):
-        ARPOConfig(**BASE, use_vllm=True)
+    with pytest.raises(ValueError, match="vllm_mode='server' is not supported"):
+        ARPOConfig(**BASE, use_vllm=True, vllm_mode="server")
+    with pytest.raises(ValueError, match="speculative_forks=True is for the transformers round driver"):
+        ARPOConfig(**BASE, use_vllm=True, vllm_mode="colocate", speculative_forks=True)
+    with pytest.raises(ValueError, match="entropy_estimator='top_k' reads vLLM"):
+        ARPOConfig(**BASE, entropy_estimator="top_k")
+    assert ARPOConfig(**BASE, use_vllm=True, vllm_mode="colocate").use_vllm
 
 
 def test_grpo_config_upgrades_with_arpo_defaults():
     g = GRPOConfig(**BASE, learning_rate=3e-6)
     a = ARPOConfig.from_grpo_config(g)
-    assert isinstance(a, ARPOConfig) and a.learning_rate == 3e-6 and a.initial_rollouts == 2
+    assert isinstance(a, ARPOConfig) and a.learning_rate == 3e-6 and a.initial_rollouts is None
     assert a.steps_per_generation == g.steps_per_generation
     assert a.tool_format == "chat_template"  # the swapped GRPOTrainer's tool calls keep their format
 

@@ -324,7 +324,7 @@ def test_drop_in_with_a_plain_grpo_config(tool_model, tokenizer, tmp_path):
         logging_steps=1,
     )
     trainer = make_trainer(tool_model, chat_tok, args)
-    assert isinstance(trainer.args, ARPOConfig) and trainer.args.initial_rollouts == M // 2
+    assert isinstance(trainer.args, ARPOConfig) and trainer.initial_rollouts == M // 2  # tools: N = M // 2
     assert trainer.args.tool_format == "chat_template" and [f.__name__ for f in trainer.tools] == ["calc"]
     call = json.dumps({"name": "calc", "arguments": {"expression": "4+5"}})
     trainer.generator = FirstTurnScripted(trainer.generator, chat_tok, f"<tool_call>\n{call}\n</tool_call>")
@@ -358,7 +358,7 @@ def test_constructor_rejects_what_arpo_cannot_do(tool_model, tokenizer, tmp_path
         make_trainer(tool_model, tokenizer, args, rollout_func=lambda prompts, trainer: {})
     with pytest.raises(ValueError, match="unique"):
         make_trainer(tool_model, tokenizer, args, tools=[calc, calc])
-    with pytest.raises(ValueError, match="environment_factory"):
+    with pytest.raises(ValueError, match="environment_factory needs tool_format='chat_template'"):
         make_trainer(tool_model, tokenizer, args, environment_factory=object)
 
 

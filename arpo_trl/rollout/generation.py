@@ -15,8 +15,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCrite
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
-from .engine import Segment
 from .entropy import EntropyRecorder
+from .rollout_tree import Segment
 
 if TYPE_CHECKING:
     from trl import GRPOTrainer

@@ -6,6 +6,8 @@
 - `ChatTemplateProtocol` (``tool_format="chat_template"``, TRL-native): a turn ends with EOS; tool calls are parsed
   from it with TRL's `parse_response`; results are appended as the chat template's tool turn
   (`GRPOTrainer._get_tool_suffix_ids`), as TRL's own tool loop does.
+
+In both, a tool's output is tokenized as plain text: no added token it prints becomes a control token.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from trl.chat_template_utils import parse_response
 
 from ..tools import ToolCall, ToolResult, format_result, parse_tag_call, stop_strings
-from .engine import Segment
+from .plain_text import encode_plain, tool_suffix_ids
+from .rollout_tree import Segment
 from .tree import Trajectory
 
 if TYPE_CHECKING:
@@ -40,7 +43,8 @@ class TagProtocol:
         return [call] if call is not None else []
 
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        # Plain text: a result that prints "<|im_end|>" must not become the control token (see plain_text).
+        return encode_plain(self.tokenizer, text)
 
     def result_ids(self, traj: Trajectory, calls: list[ToolCall], results: list[ToolResult]) -> list[int]:
         return self._encode("".join(format_result(r.text) for r in results))
@@ -60,8 +64,20 @@ class ChatTemplateProtocol:
         self.trainer = trainer
         self.prompt_ids: list[list[int]] = []  # set for each batch: the context `parse_response` needs
 
+    @property
+    def parses_responses(self) -> bool:
+        """TRL parses a turn (tool calls included) only when the tokenizer has a response template or schema, which
+        it adds when tools are passed; otherwise it decodes the turn as plain assistant text (`GRPOTrainer._generate`)."""
+        tok = self.trainer._tokenizer
+        return getattr(tok, "response_template", None) is not None or getattr(tok, "response_schema", None) is not None
+
     def calls(self, traj: Trajectory, segment: Segment) -> list[ToolCall]:
         t = self.trainer
+        if not self.parses_responses:
+            traj.messages.append(
+                {"role": "assistant", "content": t._tokenizer.decode(segment.ids, skip_special_tokens=True)}
+            )
+            return []
         context = self.prompt_ids[traj.slot] + traj.completion_ids[: len(traj.completion_ids) - len(segment.ids)]
         message = parse_response(t._tokenizer, segment.ids, prefix=context, tools=t.tools)
         traj.messages.append(message)
@@ -85,12 +101,15 @@ class ChatTemplateProtocol:
     def result_ids(self, traj: Trajectory, calls: list[ToolCall], results: list[ToolResult]) -> list[int]:
         messages = [{"role": "tool", "name": c.name, "content": r.text} for c, r in zip(calls, results, strict=True)]
         traj.messages.extend(messages)
-        return self.trainer._get_tool_suffix_ids(messages)
+        return tool_suffix_ids(self.trainer, messages)  # TRL's tool turn, with the content as plain text
 
     def limit_notice_ids(self, traj: Trajectory, calls: list[ToolCall], limit: int) -> list[int]:
         messages = [{"role": "tool", "name": c.name, "content": _limit_text(limit)} for c in calls]
         traj.messages.extend(messages)
-        return self.trainer._get_tool_suffix_ids(messages)
+        return tool_suffix_ids(self.trainer, messages)
 
     def completion(self, traj: Trajectory, conversational: bool) -> Any:
-        return traj.messages
+        """As TRL's: the turns (assistant, tool, assistant, ...) for conversational prompts, else the decoded text."""
+        if conversational:
+            return traj.messages
+        return self.trainer._tokenizer.decode(traj.completion_ids, skip_special_tokens=True)

@@ -15,6 +15,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from .environments import fork_environment
+
 ROOT, BRANCH, FRESH, DUPLICATE = "root", "branch", "fresh", "duplicate"
 
 
@@ -47,6 +49,8 @@ class Trajectory:
     completion_ids: list[int] = field(default_factory=list)
     tool_mask: list[int] = field(default_factory=list)  # 1: sampled by the model, 0: written by the environment
     token_entropies: list[float] = field(default_factory=list)  # H of each token's distribution; NaN for env tokens
+    # log p of each sampled token under the sampler (vLLM; NaN when the backend gives none), 0 for env tokens
+    logprobs: list[float] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)  # chat_template format: the turns so far
     tool_rounds: int = 0
     tool_events: list[ToolEvent] = field(default_factory=list)
@@ -57,6 +61,8 @@ class Trajectory:
     h_initial: float | None = None  # H of the first k tokens of this tree's root; inherited by branches
     awaiting_entropy: bool = False  # after_tool timing: the next segment's first k tokens decide branching
     last_window: float | None = None  # lagged timing: H of the segment just generated
+    # TRL environment (`environment_factory`) this trajectory's tool calls act on; a fork gets its own copy.
+    env: Any = None
     # "eos", "length", "call_limit", "no_room_for_result", "stop"; "discarded": a speculative fresh rollout whose
     # slot a branch reclaimed (it leaves the group)
     finish_reason: str | None = None
@@ -65,10 +71,15 @@ class Trajectory:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def extend(self, ids: list[int], sampled: bool, entropies: list[float] | None = None) -> None:
+    def extend(
+        self, ids: list[int], sampled: bool, entropies: list[float] | None = None, logprobs: list[float] | None = None
+    ) -> None:
         self.completion_ids.extend(ids)
         self.tool_mask.extend([1 if sampled else 0] * len(ids))
         self.token_entropies.extend(entropies if entropies is not None else [math.nan] * len(ids))
+        if logprobs is None:
+            logprobs = [math.nan if sampled else 0.0] * len(ids)
+        self.logprobs.extend(logprobs)
 
     def fork(self, slot: int) -> Trajectory:
         """A branch in `slot` sharing this trajectory's tokens exactly; the tools already run are not re-run."""
@@ -79,6 +90,7 @@ class Trajectory:
             completion_ids=list(self.completion_ids),
             tool_mask=list(self.tool_mask),
             token_entropies=list(self.token_entropies),
+            logprobs=list(self.logprobs),
             messages=copy.deepcopy(self.messages),
             tool_rounds=self.tool_rounds,
             tool_events=[dataclass_replace_inherited(e) for e in self.tool_events],
@@ -86,6 +98,7 @@ class Trajectory:
             fork_position=len(self.completion_ids),
             can_branch=self.can_branch,
             h_initial=self.h_initial,
+            env=None if self.env is None else fork_environment(self.env),
         )
         return child
 

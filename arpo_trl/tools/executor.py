@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .base import (
@@ -103,9 +103,8 @@ class ToolExecutor:
             out = asyncio.run(_await(out))
         return out
 
-    def _attempts(self, call: ToolCall, deadline: float) -> ToolResult:
+    def _attempts(self, call: ToolCall, tool: Tool, deadline: float) -> ToolResult:
         """Run one call with retries; runs in its own thread. Never raises."""
-        tool = self.tools[call.name]
         attempt = 0
         while True:
             try:
@@ -171,19 +170,28 @@ class ToolExecutor:
 
     # -- a round ----------------------------------------------------------------------------------------------
 
-    def run(self, calls: Sequence[ToolCall]) -> list[ToolResult]:
-        """Execute `calls` concurrently; results come back in the same order. Never raises for a tool."""
+    def run(
+        self, calls: Sequence[ToolCall], toolsets: Sequence[Mapping[str, Tool] | None] | None = None
+    ) -> list[ToolResult]:
+        """Execute `calls` concurrently; results come back in the same order. Never raises for a tool.
+
+        `toolsets[i]`, when given and not None, is the name → tool mapping call i is looked up in instead of the
+        executor's own tools: the methods of the caller's environment instance (stateful, so never cached).
+        """
         if self._closed:
             raise RuntimeError("ToolExecutor is closed")
         results: list[ToolResult | None] = [None] * len(calls)
         todo: list[tuple[int, tuple[str, str] | None]] = []
+        targets: dict[int, Tool] = {}
         for i, call in enumerate(calls):
+            bound = toolsets[i] if toolsets is not None else None
+            tools = self.tools if bound is None else bound
             if not isinstance(call, ToolCall):
                 results[i] = ToolResult(f"Error: malformed tool call {type(call).__name__}.", error=True)
             elif call.parse_error is not None:
                 results[i] = ToolResult(self._truncate(clean_text(str(call.parse_error))), error=True)
-            elif call.name not in self.tools:
-                known = ", ".join(sorted(self.tools)) or "none"
+            elif call.name not in tools:
+                known = ", ".join(sorted(tools)) or "none"
                 shown = clean_text(repr(call.name))[:100]
                 results[i] = ToolResult(f"Error: unknown tool {shown} (available: {known}).", error=True)
             elif not isinstance(call.arguments, str | dict):
@@ -191,18 +199,20 @@ class ToolExecutor:
                     f"Error: the arguments of {call.name!r} must be a string or an object.", error=True
                 )
             else:
-                key = self._cache_key(call)
+                targets[i] = tools[call.name]
+                key = self._cache_key(call) if bound is None else None
                 cached = self._cache_get(key)
                 if cached is not None:
                     results[i] = ToolResult(cached, cached=True)
                 else:
                     todo.append((i, key))
-        self._schedule(calls, todo, results)
+        self._schedule(calls, targets, todo, results)
         return results  # type: ignore[return-value]
 
     def _schedule(
         self,
         calls: Sequence[ToolCall],
+        targets: dict[int, Tool],
         todo: list[tuple[int, tuple[str, str] | None]],
         results: list[ToolResult | None],
     ) -> None:
@@ -214,7 +224,7 @@ class ToolExecutor:
 
         def worker(i: int, deadline: float) -> None:
             try:
-                res = self._attempts(calls[i], deadline)
+                res = self._attempts(calls[i], targets[i], deadline)
             except BaseException as exc:  # noqa: BLE001 - defensive: _attempts never raises
                 res = ToolResult(f"Error: tool {calls[i].name!r} failed: {_describe(exc)}", error=True)
             done.put((i, res))

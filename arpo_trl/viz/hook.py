@@ -63,14 +63,14 @@ def log_rollout_trees(
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
     vocab_size = None
     model = getattr(trainer, "model", None)
-    if model is not None and accelerator is not None:
-        head = accelerator.unwrap_model(model).get_output_embeddings()
-        vocab_size = int(head.weight.shape[0])
+    if model is not None:
+        # From the config, as the rollout does: under ZeRO-3 the LM head's local weight is an empty shard.
+        vocab_size = int(model.config.get_text_config().vocab_size)
     meta = {
         "step": step,
         "mode": getattr(record, "mode", "train"),
         "M": rows // max(1, num_groups),
-        "N": getattr(args, "initial_rollouts", None),
+        "N": getattr(trainer, "initial_rollouts", getattr(args, "initial_rollouts", None)),
         "Z": getattr(args, "branch_factor", None),
         "k": getattr(args, "entropy_window", None),
         "α": getattr(args, "branch_base_probability", None),
