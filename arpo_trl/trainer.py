@@ -6,7 +6,9 @@ import copy
 import logging
 import os
 import re
+import tempfile
 import textwrap
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,12 +17,15 @@ from typing import Any
 import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational
+from trl.extras.profiling import profiling_context
 
 from .advantages import hard_attribution
 from .config import ARPOConfig
+from .rollout.async_engine import AsyncTreeRollout
 from .rollout.branching import BranchPolicy
 from .rollout.engine import RolloutSettings, RolloutStats, TreeRollout
 from .rollout.entropy import EntropyRecorder, output_logit_transform
+from .rollout.environments import NOT_TOOLS, check_forkable, environment_tools
 from .rollout.generation import TransformersGenerator
 from .rollout.protocols import ChatTemplateProtocol, TagProtocol
 from .rollout.tree import Trajectory
@@ -29,6 +34,27 @@ from .tools import ToolExecutor, as_function, tools_by_name
 logger = logging.getLogger(__name__)
 
 _TAG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+def _has_images(dataset: Any) -> bool:
+    """Does `dataset` (a Dataset, IterableDataset, dict of them, or None) carry images, as TRL would read them?"""
+    if dataset is None:
+        return False
+    for part in dataset.values() if isinstance(dataset, dict) else [dataset]:
+        columns = getattr(part, "column_names", None) or []
+        if "image" in columns or "images" in columns:
+            return True
+        try:
+            first = next(iter(part))
+        except (StopIteration, TypeError):
+            continue
+        prompt = first.get("prompt") if isinstance(first, dict) else None
+        if isinstance(prompt, list):
+            for message in prompt:
+                content = message.get("content") if isinstance(message, dict) else None
+                if isinstance(content, list) and any(isinstance(c, dict) and c.get("type") == "image" for c in content):
+                    return True
+    return False
 
 
 @dataclass
@@ -101,41 +127,66 @@ class ARPOTrainer(GRPOTrainer):
             args = ARPOConfig.from_grpo_config(args)
         if rollout_func is not None:
             raise ValueError("ARPOTrainer owns the rollout (its tree search); rollout_func cannot replace it")
-        if environment_factory is not None:
+        if environment_factory is not None and args.tool_format != "chat_template":
             raise ValueError(
-                "environment_factory is not supported: a branch copies a trajectory mid-episode, and a stateful "
-                "environment cannot be forked with it. Pass stateless callables as `tools`."
+                "environment_factory needs tool_format='chat_template': environments expose their methods as "
+                f"TRL-native tool calls, which tool_format={args.tool_format!r} does not parse"
             )
+        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            if _has_images(dataset):
+                raise ValueError(
+                    f"{name} holds images: ARPOTrainer's tree rollout is text-only (a branch copies token states, "
+                    "and image inputs are not carried through it yet). Use GRPOTrainer for vision-language training."
+                )
         tools = list(tools or [])
         index = tools_by_name(tools)  # validates: callables, named, unique
         if args.tool_format == "tags":
             bad = [name for name in index if not _TAG_NAME.match(name)]
             if bad:
                 raise ValueError(f"tool names {bad} cannot be used as tags (<name>…</name>) in tool_format='tags'")
-        if not tools:
+        has_tools = bool(tools) or environment_factory is not None
+        # N: `initial_rollouts`, else M // 2 with tools and M without (nothing to branch on).
+        self.initial_rollouts = args.resolve_initial_rollouts(has_tools)
+        if not has_tools:
             warnings.warn(
-                "ARPOTrainer got no tools: ARPO branches only after tool results, so this run is GRPO with N "
-                "initial rollouts and M − N fresh ones.",
+                "ARPOTrainer got no tools: ARPO branches only after tool results, so this run samples like GRPO "
+                f"(N = {self.initial_rollouts} rollouts per prompt started at once"
+                + (
+                    f", then {args.num_generations - self.initial_rollouts} fresh ones)."
+                    if self.initial_rollouts < args.num_generations
+                    else ")."
+                ),
                 stacklevel=2,
             )
 
-        super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            reward_processing_classes=reward_processing_classes,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-            # Tag-format tools are called inline, not through the chat template: TRL must not set them up.
-            # In chat mode TRL renders their JSON schemas, which transformers builds from plain functions only.
-            tools=[as_function(t) for t in tools] if args.tool_format == "chat_template" else None,
-        )
+        # TRL would start its own vLLM engine for `use_vllm`; ARPO streams every trajectory from one it starts
+        # below (`_start_vllm_engine`), so TRL is built without and told afterwards (its importance-sampling
+        # correction reads `self.use_vllm`).
+        use_vllm, args.use_vllm = args.use_vllm, False
+        try:
+            super().__init__(
+                model=model,
+                reward_funcs=reward_funcs,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                reward_processing_classes=reward_processing_classes,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+                # Tag-format tools are called inline, not through the chat template: TRL must not set them up.
+                # In chat mode TRL renders their JSON schemas, which transformers builds from plain functions only.
+                tools=[as_function(t) for t in tools] if args.tool_format == "chat_template" else None,
+                environment_factory=environment_factory,
+            )
+        finally:
+            args.use_vllm = use_vllm
+        self.use_vllm = use_vllm
         self.arpo_tools = tools
+        if self.environment_factories is not None:
+            self._prepare_environments()
         self.tool_executor = ToolExecutor(
             tools,
             timeout=args.tool_timeout,
@@ -156,8 +207,81 @@ class ARPOTrainer(GRPOTrainer):
         self.branch_policy = BranchPolicy(
             args.branch_base_probability, args.branch_entropy_weight, args.branch_rule, args.branch_threshold
         )
+        self.vllm_engine = self._start_vllm_engine() if use_vllm else None
+        self._last_loaded_step = -1  # weights the engine holds (-1: sync before the first rollout)
         self.last_rollout: RolloutRecord | None = None
         self._rollouts_this_step = (-1, 0)  # (global_step, calls): seeds the branching RNG reproducibly
+
+    # ------------------------------------------------------------------ vLLM
+    def _start_vllm_engine(self) -> Any:
+        """ARPO's colocated engine (`vllm_engine.VLLMEngine`), serving this process's copy of the model."""
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        from .rollout.vllm_engine import VLLMEngine
+        from .rollout.vllm_weights import export_model
+
+        a = self.args
+        model = self.accelerator.unwrap_model(self.model)
+        text_config = model.config.get_text_config()
+        max_model_len = getattr(text_config, "max_position_embeddings", None) or a.vllm_max_model_length
+        if a.vllm_max_model_length:
+            max_model_len = min(max_model_len, a.vllm_max_model_length)
+        self._vllm_dir = tempfile.mkdtemp(prefix="arpo-vllm-model-")
+        export_model(model, self.processing_class, self._vllm_dir, zero3=is_deepspeed_zero3_enabled())
+        on_cpu = self.accelerator.device.type == "cpu"
+        engine_kwargs: dict[str, Any] = {}
+        if not on_cpu and a.vllm_kv_cache_gib is None:
+            engine_kwargs["gpu_memory_utilization"] = a.vllm_gpu_memory_utilization
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        return VLLMEngine(
+            self._vllm_dir,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k if self.top_k and self.top_k > 0 else -1,
+            min_p=self.min_p or 0.0,
+            max_model_len=max_model_len,
+            seed=a.seed + self.accelerator.process_index,
+            kv_cache_gib=a.vllm_kv_cache_gib if a.vllm_kv_cache_gib is not None or not on_cpu else 1.0,
+            # One engine per process: on a CPU host each takes its own core, as two unpinned engines slow each other.
+            cpu_bind=str(self.accelerator.local_process_index % (os.cpu_count() or 1))
+            if on_cpu and self.accelerator.num_processes > 1
+            else None,
+            dtype=dtype,
+            max_num_seqs=max(16, a.per_device_train_batch_size * a.steps_per_generation),
+            **engine_kwargs,
+        )
+
+    def _sync_vllm_weights(self, mode: str) -> None:
+        """After an optimizer step: the engine gets the new weights (gathered once under ZeRO-3, LoRA merged), and
+        its prefix cache, computed with the old ones, is reset. Every rank syncs at the same steps."""
+        if self.state.global_step == self._last_loaded_step:
+            return
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        from .rollout.vllm_weights import training_weights
+
+        start = time.perf_counter()
+        with profiling_context(self, "vllm_weight_sync"):
+            model = self.accelerator.unwrap_model(self.model)
+            with training_weights(model, zero3=is_deepspeed_zero3_enabled()) as weights:
+                self.vllm_engine.load_weights(weights.items())
+        self._metrics[mode]["vllm/weight_sync_s"].append(time.perf_counter() - start)
+        self._last_loaded_step = self.state.global_step
+
+    def _prepare_environments(self) -> None:
+        """Environments fork with their trajectories: refuse one that cannot be copied, and keep ARPO's copy hooks
+        (`fork`, `clone`) out of the tools TRL renders for the model."""
+        for pool in self._environment_pool.values():
+            check_forkable(pool[0])  # TRL's probe instance
+        self._env_tools = {
+            name: [t for t in tools if getattr(t, "__name__", None) not in NOT_TOOLS]
+            for name, tools in self._env_tools.items()
+        }
+        self.tools = [t for t in self.tools if getattr(t, "__name__", None) not in NOT_TOOLS]
+
+    def _trajectory_tools(self, traj: Trajectory) -> dict[str, Any] | None:
+        """The tools of `traj`'s own environment instance (None without environments: the executor's tools)."""
+        return None if traj.env is None else environment_tools(traj.env, self.arpo_tools)
 
     # ------------------------------------------------------------------ rollout
     def _rollout_settings(self, mode: str) -> RolloutSettings:
@@ -165,7 +289,7 @@ class ARPOTrainer(GRPOTrainer):
         train = mode == "train"
         return RolloutSettings(
             group_size=self.num_generations if train else 1,
-            initial_rollouts=a.initial_rollouts if train else 1,
+            initial_rollouts=self.initial_rollouts if train else 1,
             branch_factor=a.branch_factor,
             entropy_window=a.entropy_window,
             entropy_timing=a.entropy_timing,
@@ -186,12 +310,13 @@ class ARPOTrainer(GRPOTrainer):
         flag = torch.tensor([int(local_active)], device=self.accelerator.device)
         return bool(self.accelerator.gather(flag).sum().item())
 
-    def _seed_branching(self) -> None:
+    def _seed_branching(self) -> int:
         step, calls = self._rollouts_this_step
         calls = calls + 1 if step == self.state.global_step else 0
         self._rollouts_this_step = (self.state.global_step, calls)
         seed = hash((self.args.seed, self.accelerator.process_index, self.state.global_step, calls))
         self.branch_policy.reseed(seed)
+        return seed
 
     def _generate(self, prompts: list):
         """ARPO's tree rollout (training) or plain tool-using sampling (evaluation); returns what TRL's does."""
@@ -202,27 +327,46 @@ class ARPOTrainer(GRPOTrainer):
             raise NotImplementedError("ARPOTrainer does not support image inputs yet")
         if isinstance(self.tool_protocol, ChatTemplateProtocol):
             self.tool_protocol.prompt_ids = prompt_ids
-        self._seed_branching()
-        rollout = TreeRollout(
-            self._rollout_settings(mode),
-            self.generator,
-            self.tool_protocol,
-            self.tool_executor,
-            self.branch_policy,
+        seed = self._seed_branching()
+        common = dict(
+            settings=self._rollout_settings(mode),
+            protocol=self.tool_protocol,
+            executor=self.tool_executor,
+            policy=self.branch_policy,
             # From the config: under ZeRO-3 the LM head's weight is partitioned and its local shape is empty.
             vocab_size=self.model.config.get_text_config().vocab_size,
             eos_token_id=self._tokenizer.eos_token_id,
-            any_active=self._any_process_active,
+            toolset=self._trajectory_tools if self.environments else None,
         )
-        trajectories, stats = rollout.run(prompt_ids)
+        if self.vllm_engine is not None:
+            self._sync_vllm_weights(mode)
+            rollout = AsyncTreeRollout(
+                engine=self.vllm_engine,
+                stop=self.tool_protocol.stop_strings,
+                entropy_estimator=self.args.entropy_estimator,
+                **common,
+            )
+            trajectories, stats = rollout.run(prompt_ids, self.environments or None, seed=seed)
+            prompt_tokens = max(rollout.prompt_tokens, 1)
+            self._metrics[mode]["vllm/prefix_cache_hit_rate"].append(rollout.cached_tokens / prompt_tokens)
+            self._metrics[mode]["tools/seconds"].append(rollout.tool_seconds)
+            logprobs = [t.logprobs for t in trajectories]  # TRL's importance-sampling correction reads them
+        else:
+            rollout = TreeRollout(generator=self.generator, any_active=self._any_process_active, **common)
+            trajectories, stats = rollout.run(prompt_ids, self.environments or None)
+            logprobs = None
         self.last_rollout = RolloutRecord(mode, prompt_ids, trajectories, stats)
+        if self.environments:
+            # Each completion's own environment (a branch's is its copy): what TRL hands to rewards (`environments=`,
+            # `get_reward`).
+            self.environments = [t.env for t in trajectories]
 
         conversational = is_conversational({"prompt": prompts[0]})
         completion_ids = [t.completion_ids for t in trajectories]
         tool_mask = [t.tool_mask for t in trajectories]
         completions = [self.tool_protocol.completion(t, conversational) for t in trajectories]
         self._log_rollout_metrics(mode, prompt_ids, trajectories, stats)
-        return prompt_ids, completion_ids, tool_mask, completions, None, {}, None, []
+        return prompt_ids, completion_ids, tool_mask, completions, logprobs, {}, None, []
 
     def _log_rollout_metrics(
         self, mode: str, prompt_ids: list[list[int]], trajectories: list[Trajectory], stats: RolloutStats
@@ -297,6 +441,11 @@ class ARPOTrainer(GRPOTrainer):
         metrics["tools/errors"].append(errors)
         metrics["tools/timeouts"].append(timeouts)
         metrics["tools/call_limit_hits"].append(limit_hits)
+        if self.arpo_tools or self.environments:
+            # TRL's own tool metrics, same definitions: calls per completion (a call in a shared prefix counts for
+            # every completion holding it) and the share of executed calls that failed.
+            metrics["tools/call_frequency"].append(calls / completions)
+            metrics["tools/failure_frequency"].append(errors / execs if execs else 0.0)
 
     # ------------------------------------------------------------------ model card
     def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
@@ -307,7 +456,7 @@ class ARPOTrainer(GRPOTrainer):
         a = self.args
         rows = [
             ("M (`num_generations`)", a.num_generations),
-            ("N (`initial_rollouts`)", a.initial_rollouts),
+            ("N (`initial_rollouts`)", self.initial_rollouts),
             ("Z (`branch_factor`)", a.branch_factor),
             ("k (`entropy_window`)", a.entropy_window),
             ("α (`branch_base_probability`)", a.branch_base_probability),

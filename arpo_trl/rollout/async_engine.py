@@ -1,0 +1,210 @@
+"""The asynchronous driver of ARPO's tree rollout: one vLLM request stream per trajectory, no rounds.
+
+Same tree logic as the round driver (`rollout_tree.RolloutTree`), driven event by event on the engine's asyncio
+loop (`vllm_engine.VLLMEngine`):
+
+- Every trajectory is its own coroutine: stream a segment (a token-id prompt, the prefix so far), append it, run its
+  tool calls in a worker thread (the `ToolExecutor`: bounded, timeouts, errors as results) while every other
+  trajectory keeps generating, append the results, repeat. No trajectory waits for another.
+- The branching decision at tool result t is taken as soon as the k tokens after it have streamed in
+  (``entropy_timing="after_tool"``), or when the result is appended (``"lagged"``); the Z forks start at once as new
+  coroutines whose prompts share the parent's prefix token for token, so vLLM's prefix cache serves their prefill.
+- Fresh top-ups start as soon as a group's tree can no longer use its slots. With speculative fill, a branch that
+  reclaims a fresh rollout's slot aborts that rollout's request.
+
+Entropies: ``entropy_estimator="exact"`` reads the engine's exact full-vocabulary entropy of each opted-in token
+(computed in vLLM's worker at the sampling temperature); ``"top_k"`` is the official code's truncated entropy from
+the top-10 logprobs plus the sampled token's (ARPO_SPEC D3), computed here from the stream.
+
+Nothing in here is a collective: ranks whose trees branch differently never wait for each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..tools import ToolCall, ToolExecutor
+from .branching import BranchPolicy
+from .rollout_tree import RolloutSettings, RolloutStats, RolloutTree, Segment, ToolProtocol
+from .tree import Trajectory
+
+TOP_K_CANDIDATES = 10  # the official code asks vLLM for 10 logprobs per token
+
+
+def truncated_entropy(candidates: Mapping[int, float]) -> float:
+    """Σ −p·ln p over the given candidates' logprobs (the official top-10 + sampled-token estimate, in nats)."""
+    return -sum(math.exp(lp) * lp for lp in candidates.values() if lp > -math.inf)
+
+
+class AsyncTreeRollout:
+    """Runs ARPO's rollout for a batch of groups on a `VLLMEngine`; see the module docstring."""
+
+    _batches = itertools.count()
+
+    def __init__(
+        self,
+        settings: RolloutSettings,
+        engine: Any,  # vllm_engine.VLLMEngine (or anything with its `run`, `stream` and `entropies`)
+        protocol: ToolProtocol,
+        executor: ToolExecutor,
+        policy: BranchPolicy,
+        vocab_size: int,
+        eos_token_id: int,
+        stop: list[str] | None = None,
+        entropy_estimator: str = "exact",
+        toolset: Callable[[Trajectory], Mapping[str, Any] | None] | None = None,
+    ) -> None:
+        if entropy_estimator not in ("exact", "top_k"):
+            raise ValueError(f"entropy_estimator must be 'exact' or 'top_k', got {entropy_estimator!r}")
+        if settings.speculative_forks:
+            raise ValueError(
+                "speculative_forks is for the round driver; the asynchronous driver forks as soon as the k tokens "
+                "after a tool result have streamed in, with no round to wait for"
+            )
+        self.s = settings
+        self.engine = engine
+        self.protocol = protocol
+        self.executor = executor
+        self.policy = policy
+        self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
+        self.stop = stop or None
+        self.entropy_estimator = entropy_estimator
+        self.toolset = toolset
+
+    def run(
+        self, prompt_ids: Sequence[list[int]], environments: Sequence[Any] | None = None, seed: int | None = None
+    ) -> tuple[list[Trajectory], RolloutStats]:
+        """Roll out `prompt_ids` (len B = groups × M, groups contiguous); return B finished trajectories in slot
+        order and the statistics (blocks the calling thread while the engine's loop runs the rollout).
+
+        `seed`: each request samples from its own stream, seeded by (seed, slot, position), so a segment's tokens do
+        not depend on what else the engine is batching. Which decisions claim the last slots still depends on
+        timing: unlike the round driver, the trees of two runs may differ."""
+        tree = RolloutTree(
+            self.s, prompt_ids, self.protocol, self.policy, self.vocab_size, self.eos_token_id, environments
+        )
+        # Tool calls wait in threads, bounded by the executor's worker count, while the loop keeps streaming.
+        pool = ThreadPoolExecutor(max_workers=self.executor.max_workers, thread_name_prefix="arpo-tools")
+        try:
+            return self.engine.run(self._run(tree, pool, seed)), tree.stats
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ the batch
+    async def _run(self, tree: RolloutTree, pool: ThreadPoolExecutor, seed: int | None) -> list[Trajectory]:
+        batch = next(self._batches)
+        tasks: set[asyncio.Task] = set()
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache, over the batch
+        self.prompt_tokens = 0
+        self.tool_seconds = 0.0  # summed over calls (they overlap generation and each other)
+
+        def launch(trajs: Sequence[Trajectory]) -> None:
+            for traj in trajs:
+                tasks.add(asyncio.create_task(self._trajectory(tree, traj, launch, batch, pool, seed)))
+
+        launch(tree.start())
+        try:
+            while tasks:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                tasks.difference_update(done)
+                for task in done:
+                    task.result()  # a driver bug surfaces here, not as a silent hang
+                launch(tree.fill())
+        finally:
+            for task in tasks:
+                task.cancel()
+        return tree.finish()
+
+    # ------------------------------------------------------------------ one trajectory
+    async def _trajectory(
+        self, tree: RolloutTree, traj: Trajectory, launch, batch: int, pool: ThreadPoolExecutor, seed: int | None
+    ) -> None:
+        while not traj.done:
+            # Unique per (batch, trajectory, position); the kind tells a fresh rollout from the branch that may
+            # later take its slot.
+            key = f"{batch}-{traj.slot}-{traj.kind}-{len(traj.completion_ids)}"
+            request_seed = None if seed is None else zlib.crc32(f"{seed}-{key}".encode()) & 0x7FFFFFFF
+            segment, window = await self._segment(tree, traj, launch, f"arpo-{key}", request_seed)
+            if segment is None:  # discarded while streaming: its slot went to a branch
+                return
+            calls = tree.absorb(traj, segment)
+            if calls and tree.admit(traj, calls):
+                results = await self._run_tools(traj, calls, pool)
+                launch(tree.apply_results(traj, calls, results, window))
+            launch(tree.fill())  # the tree may no longer be able to use its free slots
+
+    async def _run_tools(self, traj: Trajectory, calls: list[ToolCall], pool: ThreadPoolExecutor):
+        toolsets = [self.toolset(traj)] * len(calls) if self.toolset else None
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        results = await loop.run_in_executor(pool, self.executor.run, calls, toolsets)
+        self.tool_seconds += loop.time() - start
+        return results
+
+    async def _segment(
+        self, tree: RolloutTree, traj: Trajectory, launch, request_id: str, seed: int | None
+    ) -> tuple[Segment | None, float | None]:
+        """Stream one segment of `traj`; decide at its pending tool result as soon as k tokens are in."""
+        k = self.s.entropy_window
+        need = tree.needs_entropy(traj)
+        exact = need and self.entropy_estimator == "exact"
+        top = TOP_K_CANDIDATES if need and self.entropy_estimator == "top_k" else 0
+        tree.stats.rounds += 1
+        ids: list[int] = []
+        logprobs: list[float] = []
+        estimates: list[float] = []
+        finish = "length"
+        cached = 0
+        decided = not traj.awaiting_entropy
+        window: float | None = None
+        stream = self.engine.stream(
+            request_id,
+            tree.prefix(traj),
+            tree.room(traj),
+            self.stop,
+            entropy_tokens=k if exact else 0,
+            top_logprobs=top,
+            seed=seed,
+        )
+        async for update in stream:
+            if traj.done:  # a branch reclaimed this speculative fresh rollout's slot: abort its request
+                await stream.aclose()
+                if exact:
+                    self.engine.forget([request_id])
+                return None, None
+            ids += update.token_ids
+            logprobs += update.logprobs
+            if top:
+                estimates += [truncated_entropy(c) for c in update.top_logprobs]
+            cached = max(cached, update.num_cached_tokens)  # reported with every update, not as a delta
+            if update.finished:
+                finish = update.finish_reason or "length"
+            if need and not decided and (len(ids) >= k or update.finished):
+                window = tree.window(await self._entropies(request_id, exact, estimates, len(ids)))
+                launch(tree.decide(traj, window))
+                decided = True
+        self.prompt_tokens += len(tree.prefix(traj))
+        self.cached_tokens += cached
+        if finish == "abort":
+            raise RuntimeError(f"vLLM aborted request {request_id} (engine shut down?)")
+        entropies = [math.nan] * len(ids)
+        if need:
+            measured = await self._entropies(request_id, exact, estimates, min(k, len(ids)))
+            entropies[: len(measured)] = measured
+            window = tree.window(measured)
+            tree.record_initial(traj, window)
+        if not decided:  # awaiting a decision but nothing to measure (no free slot): record that it passed
+            launch(tree.decide(traj, None))
+        return Segment(ids, entropies, finish, logprobs), window
+
+    async def _entropies(self, request_id: str, exact: bool, estimates: list[float], count: int) -> list[float]:
+        if not exact:
+            return estimates[:count]
+        return (await self.engine.entropies([request_id]))[request_id][:count]

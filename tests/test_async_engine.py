@@ -1,0 +1,241 @@
+"""One tree logic, two drivers: the round driver and the asynchronous (vLLM-style) driver on the same scripts.
+
+A scripted model stands in at the generation seam of each driver: the same function of the prefix gives a batched
+`Generator` (rounds) and a streaming engine (one request per trajectory, token by token), so both drivers see the
+same segments and the same entropies for the same prefixes. Where the scenario is deterministic whatever the
+order of events (no branching, or decisions that do not compete for the last slots), the trees must be equal;
+elsewhere the invariants must hold. The real vLLM engine is exercised in tests/vllm/.
+"""
+
+import asyncio
+import math
+import threading
+import time
+import zlib
+
+import pytest
+
+from arpo_trl.rollout.async_engine import AsyncTreeRollout, truncated_entropy
+from arpo_trl.rollout.branching import BranchPolicy
+from arpo_trl.rollout.engine import RolloutSettings, Segment, TreeRollout
+from arpo_trl.rollout.protocols import TagProtocol
+from arpo_trl.rollout.vllm_engine import StreamUpdate
+from arpo_trl.testing import calc
+from arpo_trl.tools import ToolExecutor
+
+
+def scripted_segment(tok, prefix, budget, calls):
+    """What the scripted model samples after `prefix`: `calls` tool calls, then an answer; entropies are a
+    function of the prefix and the position (so both drivers see the same ones)."""
+    done = tok.decode(prefix).count("<result>")
+    if done < calls:
+        ids, finish = tok.encode(f" step<calc>{done}+{len(prefix) % 7}</calc>", add_special_tokens=False), "stop"
+    else:
+        ids = tok.encode(" The answer is \\boxed{3}.", add_special_tokens=False) + [tok.eos_token_id]
+        finish = "eos"
+    if len(ids) > budget:
+        ids, finish = ids[:budget], "length"
+    # Higher after each tool result (so ΔH is mostly positive), varied by the prefix (so not always).
+    seed = zlib.crc32(bytes(str(prefix), "utf8"))
+    entropies = [0.6 * done + ((seed >> (i % 24)) % 1000) / 1000.0 for i in range(len(ids))]
+    return ids, entropies, finish
+
+
+class ScriptedGenerator:
+    def __init__(self, tok, calls):
+        self.tok, self.calls = tok, calls
+
+    def __call__(self, prefixes, max_new_tokens, need_entropy=None):
+        return [Segment(*scripted_segment(self.tok, p, b, self.calls)) for p, b in zip(prefixes, max_new_tokens)]
+
+
+class ScriptedEngine:
+    """The `VLLMEngine` interface over the script: streams one token per update, `delay` seconds apart."""
+
+    def __init__(self, tok, calls, delay=0.0):
+        self.tok, self.calls, self.delay = tok, calls, delay
+        self.entropy = {}
+        self.requests = []  # (request id, prompt ids, entropy_tokens, start time)
+        self.finished_at = {}
+
+    def run(self, coro):
+        return asyncio.run(coro)
+
+    async def stream(self, request_id, prompt_ids, max_tokens, stop, entropy_tokens=0, top_logprobs=0, seed=None):
+        self.requests.append((request_id, list(prompt_ids), entropy_tokens, time.monotonic()))
+        ids, entropies, finish = scripted_segment(self.tok, list(prompt_ids), max_tokens, self.calls)
+        if entropy_tokens:
+            self.entropy[request_id] = []
+        for i, token in enumerate(ids):
+            await asyncio.sleep(self.delay)
+            if entropy_tokens and i < entropy_tokens:
+                self.entropy[request_id].append(entropies[i])
+            last = i == len(ids) - 1
+            top = [{token: -entropies[i], token + 1: -1.0}] if top_logprobs else []
+            yield StreamUpdate([token], [-0.5], last, finish if last else None, 0, top)
+        self.finished_at[request_id] = time.monotonic()
+
+    async def entropies(self, request_ids):
+        return {r: list(self.entropy[r]) for r in request_ids}
+
+    def forget(self, request_ids):
+        for r in request_ids:
+            self.entropy.pop(r, None)
+
+
+def settings(m, n, **kw):
+    values = dict(group_size=m, initial_rollouts=n, entropy_window=4, max_completion_length=200)
+    values.update(entropy_normalization="mean", **kw)
+    return RolloutSettings(**values)
+
+
+def both(tok, m=4, n=2, calls=2, alpha=0.0, beta=0.0, rule="bernoulli", tau=0.5, tools=(calc,), groups=2, **kw):
+    prompt = tok.encode("Add 1 and 2.")
+    out = []
+    for driver in ("rounds", "async"):
+        protocol = TagProtocol(tok, [t.__name__ for t in tools])
+        executor = ToolExecutor(list(tools), timeout=5)
+        policy = BranchPolicy(alpha, beta, rule, tau, seed=0)
+        args = (settings(m, n, **kw), None, protocol, executor, policy, len(tok), tok.eos_token_id)
+        if driver == "rounds":
+            rollout = TreeRollout(*(args[:1] + (ScriptedGenerator(tok, calls),) + args[2:]))
+        else:
+            rollout = AsyncTreeRollout(
+                *(args[:1] + (ScriptedEngine(tok, calls),) + args[2:]), stop=protocol.stop_strings
+            )
+        out.append(rollout.run([prompt] * (m * groups)))
+    return out
+
+
+def canonical(trajs, m):
+    """Per group, the sorted contents: what a tree is, whichever slot each trajectory landed in."""
+    groups = {}
+    for t in trajs:
+        parent = None if t.parent is None else trajs[t.parent].completion_ids[: t.fork_position]
+        groups.setdefault(t.slot // m, []).append(
+            (t.kind, tuple(t.completion_ids), tuple(t.tool_mask), t.fork_position, tuple(parent or ()), t.finish_reason)
+        )
+    return [sorted(g) for _, g in sorted(groups.items())]
+
+
+def same_slots(a, b):
+    assert [(t.slot, t.kind, t.completion_ids, t.tool_mask, t.finish_reason) for t in a] == [
+        (t.slot, t.kind, t.completion_ids, t.tool_mask, t.finish_reason) for t in b
+    ]
+
+
+@pytest.mark.parametrize("fill", ["fresh", "duplicate", "sequential"])
+def test_without_branching_both_drivers_give_the_same_trees_slot_by_slot(tokenizer, fill):
+    (rounds, r_stats), (asynchronous, a_stats) = both(tokenizer, m=4, n=2, rollout_fill=fill)
+    same_slots(rounds, asynchronous)
+    assert (r_stats.fresh, r_stats.duplicates, r_stats.tool_executions) == (
+        a_stats.fresh,
+        a_stats.duplicates,
+        a_stats.tool_executions,
+    )
+    assert r_stats.tool_executions == 2 * len([t for t in rounds if t.kind != "duplicate"])
+
+
+@pytest.mark.parametrize("timing", ["after_tool", "lagged"])
+def test_threshold_branching_gives_the_same_trees_when_slots_are_not_contested(tokenizer, timing):
+    """Deterministic decisions (paper's threshold rule on scripted entropies) and a budget M no tree can exhaust:
+    the same trees, whichever order the asynchronous driver's decisions happen in."""
+    (rounds, r_stats), (asynchronous, a_stats) = both(
+        tokenizer, m=16, n=2, alpha=0.5, beta=1.0, rule="threshold", tau=0.5, entropy_timing=timing
+    )
+    assert r_stats.branches > 0 and r_stats.entropy_deltas  # the scenario branches
+    assert canonical(rounds, 16) == canonical(asynchronous, 16)
+    assert sorted(r_stats.entropy_deltas) == pytest.approx(sorted(a_stats.entropy_deltas))
+    assert (r_stats.branches, r_stats.fresh) == (a_stats.branches, a_stats.fresh)
+
+
+@pytest.mark.parametrize("fill", ["fresh", "speculative", "sequential"])
+@pytest.mark.parametrize("m, n, z", [(4, 2, 1), (8, 1, 3), (6, 4, 2)])
+def test_forced_branching_keeps_exactly_m_and_shares_prefixes(tokenizer, fill, m, n, z):
+    _, (trajs, stats) = both(tokenizer, m=m, n=n, branch_factor=z, alpha=1.0, rollout_fill=fill)
+    assert [t.slot for t in trajs] == list(range(2 * m)) and all(t.done for t in trajs)
+    assert all(t.finish_reason != "discarded" for t in trajs)
+    for t in trajs:
+        if t.kind == "branch":
+            parent = trajs[t.parent]
+            assert t.completion_ids[: t.fork_position] == parent.completion_ids[: t.fork_position]
+            assert tokenizer.decode(t.completion_ids[: t.fork_position]).endswith("</result>")
+    if fill != "sequential":  # sequential roots may branch too: every free slot goes to the trees
+        assert stats.branches + stats.fresh == 2 * (m - n)
+
+
+def test_call_limit_budget_and_lengths_match_the_round_driver(tokenizer):
+    (rounds, _), (asynchronous, _) = both(tokenizer, m=4, n=4, calls=4, max_tool_rounds=2, max_completion_length=60)
+    same_slots(rounds, asynchronous)
+    assert {t.finish_reason for t in asynchronous} == {"call_limit"}
+    (rounds, _), (asynchronous, _) = both(tokenizer, m=4, n=4, calls=3, max_completion_length=25)
+    same_slots(rounds, asynchronous)
+    assert all(len(t.completion_ids) <= 25 for t in asynchronous)
+
+
+def test_fork_starts_as_soon_as_k_tokens_after_the_result_have_streamed(tokenizer):
+    """The decision does not wait for the parent's segment to end: the fork's request starts before it."""
+    engine = ScriptedEngine(tokenizer, calls=1, delay=0.01)
+    protocol = TagProtocol(tokenizer, ["calc"])
+    rollout = AsyncTreeRollout(
+        settings(2, 1), engine, protocol, ToolExecutor([calc], timeout=5), BranchPolicy(1.0, 0.0, seed=0),
+        len(tokenizer), tokenizer.eos_token_id, stop=protocol.stop_strings,
+    )  # fmt: skip
+    prompt = tokenizer.encode("Add 1 and 2.")
+    trajs, stats = rollout.run([prompt] * 2)
+    assert stats.branches == 1
+    fork = trajs[1]
+    shared = prompt + fork.completion_ids[: fork.fork_position]  # through tool result 1
+    from_shared = [r for r in engine.requests if r[1] == shared]
+    assert len(from_shared) == 2  # the parent's continuation, then the fork's first segment
+    (parent_id, _, k, _), (_, _, _, fork_started) = from_shared
+    assert k == 4  # the parent's continuation opted in to its k = 4 entropies
+    segment = len(tokenizer.encode(" The answer is \\boxed{3}.", add_special_tokens=False)) + 1
+    assert segment > 2 * 4  # the segment is much longer than k
+    assert fork_started < engine.finished_at[parent_id]  # the fork started while the parent still streamed
+
+
+def test_a_slow_tool_does_not_stall_other_trajectories(tokenizer):
+    """One trajectory's tool takes 1 s; the others' requests keep streaming meanwhile."""
+
+    def slow(expression: str) -> str:
+        if expression.startswith("0+") and threading.current_thread().name.startswith("arpo-tool"):
+            time.sleep(1.0)
+        return calc(expression)
+
+    slow.__name__ = "calc"
+    engine = ScriptedEngine(tokenizer, calls=2, delay=0.002)
+    protocol = TagProtocol(tokenizer, ["calc"])
+    rollout = AsyncTreeRollout(
+        settings(4, 4), engine, protocol, ToolExecutor([slow], timeout=5), BranchPolicy(0.0, 0.0, seed=0),
+        len(tokenizer), tokenizer.eos_token_id, stop=protocol.stop_strings,
+    )  # fmt: skip
+    start = time.monotonic()
+    trajs, stats = rollout.run([tokenizer.encode("Add 1 and 2.")] * 4)
+    took = time.monotonic() - start
+    # Every trajectory's first call is "0+…" (slow), its second is not: the four first calls overlap each other
+    # and the second segments, so the rollout takes about one tool depth, not four calls.
+    assert stats.tool_executions == 8
+    assert rollout.tool_seconds >= 4.0  # four slow calls, summed
+    assert took < 2.5  # they overlapped (1 s each), where serial calls would take more than 4 s
+
+
+def test_top_k_estimator_reads_the_streamed_logprobs(tokenizer):
+    assert truncated_entropy({1: math.log(0.5), 2: math.log(0.25)}) == pytest.approx(
+        -(0.5 * math.log(0.5) + 0.25 * math.log(0.25))
+    )
+    engine = ScriptedEngine(tokenizer, calls=1)
+    protocol = TagProtocol(tokenizer, ["calc"])
+    rollout = AsyncTreeRollout(
+        settings(2, 1), engine, protocol, ToolExecutor([calc], timeout=5), BranchPolicy(1.0, 0.0, seed=0),
+        len(tokenizer), tokenizer.eos_token_id, stop=protocol.stop_strings, entropy_estimator="top_k",
+    )  # fmt: skip
+    trajs, stats = rollout.run([tokenizer.encode("Add 1 and 2.")] * 2)
+    root = trajs[0]
+    first = root.token_entropies[:4]
+    # The scripted top list is {sampled: -e, other: -1}: Σ −p ln p over those two candidates.
+    prompt = tokenizer.encode("Add 1 and 2.")
+    _, script_entropies, _ = scripted_segment(tokenizer, prompt, 200, 1)
+    want = [truncated_entropy({0: -e, 1: -1.0}) for e in script_entropies[:4]]
+    assert first == pytest.approx(want)
+    assert all(r[2] == 0 for r in engine.requests)  # no exact-entropy opt-in with the top-k estimator
