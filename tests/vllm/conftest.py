@@ -5,6 +5,8 @@ the engine runs an exact re-layout of it with head size 32 (`vllm_helpers.widen_
 tokens.
 """
 
+from pathlib import Path
+
 import pytest
 
 from arpo_trl.rollout.vllm_engine import INSTALL_HINT, vllm_available
@@ -19,12 +21,23 @@ from arpo_trl.testing import build_tiny_model  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "vllm_last: runs after every other test (it shuts the shared engine down)")
+    config.addinivalue_line("markers", "vllm_last: runs after the shared engine's other tests (it shuts it down)")
 
 
 def pytest_collection_modifyitems(config, items):
-    last = [item for item in items if item.get_closest_marker("vllm_last")]
-    items[:] = [item for item in items if not item.get_closest_marker("vllm_last")] + last
+    """Within this folder: the tests of the shared engine, then the one that shuts it down, then the rest (which
+    start engines of their own: two at once would share two cores and twice the memory)."""
+    here = Path(__file__).parent
+    positions = [i for i, item in enumerate(items) if here in Path(str(item.path)).parents]
+
+    def rank(item) -> int:
+        if item.get_closest_marker("vllm_last"):
+            return 1
+        return 0 if "engine" in getattr(item, "fixturenames", ()) else 2
+
+    ordered = sorted((items[i] for i in positions), key=rank)  # stable: file order otherwise
+    for i, item in zip(positions, ordered):
+        items[i] = item
 
 
 @pytest.fixture(scope="session")

@@ -9,20 +9,22 @@ from vllm_helpers import ENTROPY_TOL, prompt_ids, teacher_forced
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_entropies_are_exact_for_the_first_k_tokens_of_opted_in_requests(engine, hf_model, tokenizer, temperature):
-    # Requests of different lengths in one batch, so the engine's persistent batch removes and moves rows while
-    # others still record; two requests do not opt in.
-    specs = [  # (request, prompt, max_tokens, entropy_tokens)
-        ("a", (1, 2, 3), 6, 4),
-        ("b", (4, 5, 6), 30, 10),
-        ("c", (7, 8, 9), 12, 20),  # window longer than the completion: every token measured
-        ("d", (10, 11, 12), 3, 0),
-        ("e", (13, 14, 15), 25, 1),
-        ("f", (16, 17, 18), 18, 0),
+    # Requests of different lengths in one batch, some arriving while others decode, so the engine's persistent
+    # batch removes, moves and reorders rows while others still record; two requests do not opt in.
+    specs = [  # (request, prompt, max_tokens, entropy_tokens, start delay in s)
+        ("a", (1, 2, 3), 3, 0, 0.0),  # ends first: the last row moves into its place
+        ("b", (4, 5, 6), 5, 2, 0.0),
+        ("c", (7, 8, 9), 30, 20, 0.0),
+        ("d", (10, 11, 12), 30, 25, 0.0),  # the last row at first, moved while its window is open
+        ("e", (13, 14, 15), 25, 1, 0.2),
+        ("f", (16, 17, 18), 18, 0, 0.2),
+        ("g", (19, 20, 1), 20, 12, 0.4),
     ]
     override = None if temperature == 1.0 else temperature
     seen_during_stream: dict[str, list[tuple[int, int]]] = {}
 
-    async def one(name, prompt, max_tokens, k):
+    async def one(name, prompt, max_tokens, k, delay):
+        await asyncio.sleep(delay)
         rid = f"ent-{temperature}-{name}"
         ids = []
         async for update in engine.stream(rid, prompt, max_tokens, None, entropy_tokens=k, seed=len(name) + 3,
@@ -34,11 +36,11 @@ def test_entropies_are_exact_for_the_first_k_tokens_of_opted_in_requests(engine,
         return rid, ids
 
     async def run():
-        return await asyncio.gather(*(one(n, prompt_ids(tokenizer, *p), m, k) for n, p, m, k in specs))
+        return await asyncio.gather(*(one(n, prompt_ids(tokenizer, *p), m, k, d) for n, p, m, k, d in specs))
 
     results = engine.run(run())
     truncated = 0  # opted-in requests that sampled more than their window
-    for (name, p, max_tokens, k), (rid, ids) in zip(specs, results):
+    for (name, p, max_tokens, k, _), (rid, ids) in zip(specs, results):
         assert 0 < len(ids) <= max_tokens
         truncated += 0 < k < len(ids)
         if not k:
