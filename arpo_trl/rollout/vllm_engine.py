@@ -215,7 +215,8 @@ class VLLMEngine:
             gain on small models).
         enable_prefix_caching: reuse the KV cache of shared prompt prefixes (full blocks only).
         kv_cache_gib: KV-cache size. Set explicitly, so vLLM skips its memory-fraction check, which aborts on CPU
-            whenever other processes use memory (and so ``VLLM_CPU_KVCACHE_SPACE`` is ignored here).
+            whenever other processes use memory (and so ``VLLM_CPU_KVCACHE_SPACE`` is ignored here). None: vLLM
+            sizes it from ``gpu_memory_utilization`` (pass that in `engine_kwargs`), the usual choice on a GPU.
         cpu_bind: CPU backend only: cores of the worker's OpenMP threads (``VLLM_CPU_OMP_THREADS_BIND``, e.g.
             ``"0"`` or ``"0-3"``); None keeps vLLM's automatic binding.
         dtype: the engine's dtype (float32 matches a float32 trainer exactly).
@@ -238,7 +239,7 @@ class VLLMEngine:
         seed: int = 0,
         enforce_eager: bool = True,
         enable_prefix_caching: bool = True,
-        kv_cache_gib: float = 1.0,
+        kv_cache_gib: float | None = 1.0,
         cpu_bind: str | None = None,
         dtype: str = "float32",
         **engine_kwargs: Any,
@@ -265,7 +266,6 @@ class VLLMEngine:
             "seed": seed,
             "enforce_eager": enforce_eager,
             "enable_prefix_caching": enable_prefix_caching,
-            "kv_cache_memory_bytes": int(kv_cache_gib * 2**30),
             "block_size": 32,
             # Logprobs of the distribution tokens are sampled from (after temperature, top-k/top-p), as TRL's
             # importance-sampling correction expects (GRPOTrainer sets the same).
@@ -274,14 +274,17 @@ class VLLMEngine:
             "worker_extension_cls": "arpo_trl.rollout.vllm_worker.WeightSyncExtension",
             "disable_log_stats": True,
         }
+        if kv_cache_gib is not None:
+            args["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         args.update(engine_kwargs)
         start = time.perf_counter()
         env: dict[str, str | None] = {
             # The engine is created from a thread of a process that may already run torch's thread pools: forking
             # that is unsafe (OpenMP in the child can hang), spawning is not.
             "VLLM_WORKER_MULTIPROC_METHOD": os.environ.get("VLLM_WORKER_MULTIPROC_METHOD", "spawn"),
-            "VLLM_CPU_KVCACHE_SPACE": None,
         }
+        if kv_cache_gib is not None:
+            env["VLLM_CPU_KVCACHE_SPACE"] = None
         if cpu_bind is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
         try:
@@ -389,9 +392,10 @@ class VLLMEngine:
                 slot.finished = True
 
     async def entropies(self, request_ids: list[str]) -> dict[str, list[float]]:
-        """The exact entropies recorded so far for each request (one per delivered token, up to its
-        `entropy_tokens`). A finished request's entries are released once read; raises KeyError for a request
-        that did not opt in or was already released."""
+        """The exact entropies recorded so far for each request: one per token its stream has delivered, up to its
+        `entropy_tokens` (the entropy of token j is recorded before token j is sampled, so reading right after an
+        update never misses one). The first read after a request's stream has ended (exhausted or closed)
+        releases its entries; raises KeyError for a request that did not opt in or was already released."""
         out = {}
         for request_id in request_ids:
             slot = self._slots[request_id]
