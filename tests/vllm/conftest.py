@@ -8,16 +8,27 @@ tokens.
 from pathlib import Path
 
 import pytest
+import torch
+from vllm_helpers import prompt_ids, widen_heads
 
 from arpo_trl.rollout.vllm_engine import INSTALL_HINT, vllm_available
+from arpo_trl.testing import build_tiny_model
+
+SKIP_REASON = f"vLLM tests skipped: {INSTALL_HINT}"
+
+
+class _SkippedModule(pytest.Module):
+    """Without vLLM, each test module here is reported skipped with the reason, without being imported. (A skip
+    raised by this conftest itself would crash pytest when it is given a path inside this folder.)"""
+
+    def collect(self):
+        pytest.skip(SKIP_REASON)
+
 
 if not vllm_available():
-    pytest.skip(f"vLLM tests skipped: {INSTALL_HINT}", allow_module_level=True)
 
-import torch  # noqa: E402
-from vllm_helpers import prompt_ids, widen_heads  # noqa: E402
-
-from arpo_trl.testing import build_tiny_model  # noqa: E402
+    def pytest_pycollect_makemodule(module_path, parent):
+        return _SkippedModule.from_parent(parent, path=module_path)
 
 
 def pytest_configure(config):
