@@ -30,10 +30,29 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "entropy_normalization": ("sum_lnV", "mean", "sum_V"),
     "branch_rule": ("bernoulli", "threshold"),
     "advantage_attribution": ("soft", "hard"),
-    "rollout_fill": ("fresh", "speculative", "duplicate"),
+    "rollout_fill": ("fresh", "speculative", "duplicate", "sequential"),
     "tool_format": ("tags", "chat_template"),
     "call_limit_action": ("eos", "message"),
     "entropy_estimator": ("exact", "top_k"),
+    "initial_entropy": ("per_root", "frozen_per_slot"),
+    "empty_tool_call": ("error", "end"),
+    "result_format": ("paper", "official"),
+}
+# rollout_preset="official": the official code's rollout (RUC-NLPIR/ARPO, docs/reproduction.md), knob by knob.
+OFFICIAL_ROLLOUT = {
+    "entropy_timing": "lagged",
+    "rollout_fill": "sequential",
+    "entropy_estimator": "top_k",
+    "entropy_normalization": "sum_lnV",
+    "entropy_window": 20,
+    "branch_rule": "bernoulli",
+    "branch_factor": 1,
+    "initial_entropy": "frozen_per_slot",
+    "call_limit_action": "eos",
+    "call_limit_eos_trained": True,
+    "empty_tool_call": "end",
+    "result_format": "official",
+    "speculative_forks": False,
 }
 _SHAPE_CHANGING_GENERATION_KWARGS = {
     "assistant_model",
@@ -101,7 +120,7 @@ class ARPOConfig(GRPOConfig):
         default="after_tool",
         metadata={
             "help": "'after_tool': decide on the k tokens generated after tool result t (paper); "
-            "'lagged': decide on the segment generated before it (official code, ARPO_SPEC D1).",
+            "'lagged': decide on the segment generated before it (official code; docs/reproduction.md).",
             "choices": list(_CHOICES["entropy_timing"]),
         },
     )
@@ -126,7 +145,9 @@ class ARPOConfig(GRPOConfig):
         default="fresh",
         metadata={
             "help": "Budget left unused by branching: 'fresh' = top up with trajectory-level rollouts from the "
-            "prompt once the group's tree has finished (paper); 'speculative' = start those fresh rollouts with the "
+            "prompt once the group's tree can no longer branch (paper); 'sequential' = one fresh rollout at a time "
+            "while the group has nothing live, each allowed to branch (the official loop); 'speculative' = start "
+            "those fresh rollouts with the "
             "roots, in the free slots, and discard the one whose slot a branch needs (same distribution as 'fresh', "
             "fewer generation rounds, more tokens sampled); 'duplicate' = repeat the group's last trajectory "
             "(official padding, reproduction only).",
@@ -155,6 +176,45 @@ class ARPOConfig(GRPOConfig):
         metadata={
             "help": "use_vllm, colocate: KV-cache size of ARPO's engine in GiB. None: 1 GiB on CPU; on GPU TRL's "
             "vllm_gpu_memory_utilization decides."
+        },
+    )
+    initial_entropy: str = field(
+        default="per_root",
+        metadata={
+            "help": "H_initial: 'per_root' = the first k tokens of each tree's root, every batch (paper); "
+            "'frozen_per_slot' = keyed by slot index and frozen when the slot is first measured in the process's "
+            "lifetime (the official code's dictionary, reproduction only).",
+            "choices": list(_CHOICES["initial_entropy"]),
+        },
+    )
+    call_limit_eos_trained: bool = field(
+        default=False,
+        metadata={"help": "call_limit_action='eos': train on the appended EOS (official code) instead of masking it."},
+    )
+    empty_tool_call: str = field(
+        default="error",
+        metadata={
+            "help": "A tag call with nothing inside: 'error' = the model reads an error result and continues; 'end' = "
+            "the trajectory ends silently (official code).",
+            "choices": list(_CHOICES["empty_tool_call"]),
+        },
+    )
+    result_format: str = field(
+        default="paper",
+        metadata={
+            "help": "Tag format: 'paper' wraps results as '<result>\\n…\\n</result>'; 'official' adds the official code's "
+            "leading space (' <result>\\n…\\n</result>').",
+            "choices": list(_CHOICES["result_format"]),
+        },
+    )
+    rollout_preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "'official': set every rollout knob to the official code's behaviour (lagged timing, sequential "
+            "fill, top-10 entropy, frozen per-slot H_initial, trained EOS at the call limit, empty calls end, the "
+            "official result wrapper; needs use_vllm for the top-10 entropy). It overrides those knobs. None: each "
+            "knob as set.",
+            "choices": [None, "official"],
         },
     )
     tool_format: str = field(
@@ -209,6 +269,13 @@ class ARPOConfig(GRPOConfig):
     def _validate_arpo(self) -> None:
         """Checks ARPO's own fields; runs after GRPOConfig has derived the batch geometry."""
         m = self.num_generations
+        if self.rollout_preset not in (None, "official"):
+            raise ValueError(f"rollout_preset={self.rollout_preset!r} is not one of None, 'official'")
+        if self.rollout_preset == "official":
+            for name, value in OFFICIAL_ROLLOUT.items():
+                if getattr(self, name) != value:
+                    logger.info("rollout_preset='official' sets %s=%r (was %r)", name, value, getattr(self, name))
+                setattr(self, name, value)
         for name, allowed in _CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:

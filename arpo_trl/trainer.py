@@ -22,7 +22,7 @@ from trl.extras.profiling import profiling_context
 from .advantages import hard_attribution
 from .config import ARPOConfig
 from .rollout.async_engine import AsyncTreeRollout
-from .rollout.branching import BranchPolicy
+from .rollout.branching import BranchPolicy, rollout_seed
 from .rollout.engine import RolloutSettings, RolloutStats, TreeRollout
 from .rollout.entropy import EntropyRecorder, output_logit_transform
 from .rollout.environments import NOT_TOOLS, check_forkable, environment_tools
@@ -200,7 +200,9 @@ class ARPOTrainer(GRPOTrainer):
         lm_head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
         lm_head.register_forward_hook(self.entropy_recorder)
         if args.tool_format == "tags":
-            self.tool_protocol: TagProtocol | ChatTemplateProtocol = TagProtocol(self._tokenizer, list(index))
+            self.tool_protocol: TagProtocol | ChatTemplateProtocol = TagProtocol(
+                self._tokenizer, list(index), result_style=args.result_format
+            )
         else:
             self.tool_protocol = ChatTemplateProtocol(self)
         self.generator = TransformersGenerator(self, self.tool_protocol.stop_strings, self.entropy_recorder)
@@ -209,8 +211,11 @@ class ARPOTrainer(GRPOTrainer):
         )
         self.vllm_engine = self._start_vllm_engine() if use_vllm else None
         self._last_loaded_step = -1  # weights the engine holds (-1: sync before the first rollout)
+        self._frozen_initial: dict[int, float] = {}  # initial_entropy="frozen_per_slot": the official per-slot H
         self.last_rollout: RolloutRecord | None = None
-        self._rollouts_this_step = (-1, 0)  # (global_step, calls): seeds the branching RNG reproducibly
+        # mode -> (global_step, rollouts at that step): seeds the branching RNG reproducibly, with evaluation
+        # counted apart from training, so a run resumed at a step where evaluation ran branches as the original.
+        self._rollouts_this_step: dict[str, tuple[int, int]] = {}
 
     # ------------------------------------------------------------------ vLLM
     def _start_vllm_engine(self) -> Any:
@@ -301,6 +306,9 @@ class ARPOTrainer(GRPOTrainer):
             max_model_len=getattr(self.model.config.get_text_config(), "max_position_embeddings", None),
             max_tool_rounds=a.max_tool_calling_iterations,
             call_limit_action=a.call_limit_action,
+            initial_entropy=a.initial_entropy if train else "per_root",
+            call_limit_eos_trained=a.call_limit_eos_trained,
+            empty_tool_call=a.empty_tool_call,
         )
 
     def _any_process_active(self, local_active: bool) -> bool:
@@ -310,11 +318,11 @@ class ARPOTrainer(GRPOTrainer):
         flag = torch.tensor([int(local_active)], device=self.accelerator.device)
         return bool(self.accelerator.gather(flag).sum().item())
 
-    def _seed_branching(self) -> int:
-        step, calls = self._rollouts_this_step
+    def _seed_branching(self, mode: str) -> int:
+        step, calls = self._rollouts_this_step.get(mode, (-1, 0))
         calls = calls + 1 if step == self.state.global_step else 0
-        self._rollouts_this_step = (self.state.global_step, calls)
-        seed = hash((self.args.seed, self.accelerator.process_index, self.state.global_step, calls))
+        self._rollouts_this_step[mode] = (self.state.global_step, calls)
+        seed = rollout_seed(self.args.seed, self.accelerator.process_index, mode, self.state.global_step, calls)
         self.branch_policy.reseed(seed)
         return seed
 
@@ -327,7 +335,7 @@ class ARPOTrainer(GRPOTrainer):
             raise NotImplementedError("ARPOTrainer does not support image inputs yet")
         if isinstance(self.tool_protocol, ChatTemplateProtocol):
             self.tool_protocol.prompt_ids = prompt_ids
-        seed = self._seed_branching()
+        seed = self._seed_branching(mode)
         common = dict(
             settings=self._rollout_settings(mode),
             protocol=self.tool_protocol,
@@ -337,9 +345,12 @@ class ARPOTrainer(GRPOTrainer):
             vocab_size=self.model.config.get_text_config().vocab_size,
             eos_token_id=self._tokenizer.eos_token_id,
             toolset=self._trajectory_tools if self.environments else None,
+            frozen_initial=self._frozen_initial if mode == "train" else None,
         )
+        started = time.perf_counter()
         if self.vllm_engine is not None:
             self._sync_vllm_weights(mode)
+            started = time.perf_counter()
             rollout = AsyncTreeRollout(
                 engine=self.vllm_engine,
                 stop=self.tool_protocol.stop_strings,
@@ -350,11 +361,15 @@ class ARPOTrainer(GRPOTrainer):
             prompt_tokens = max(rollout.prompt_tokens, 1)
             self._metrics[mode]["vllm/prefix_cache_hit_rate"].append(rollout.cached_tokens / prompt_tokens)
             self._metrics[mode]["tools/seconds"].append(rollout.tool_seconds)
+            if rollout.fork_prefills:  # share of the forks' prompt tokens (their parent's prefix) read from cache
+                total, cached = (sum(x) for x in zip(*rollout.fork_prefills))
+                self._metrics[mode]["vllm/fork_prefix_cache_hit_rate"].append(cached / max(total, 1))
             logprobs = [t.logprobs for t in trajectories]  # TRL's importance-sampling correction reads them
         else:
             rollout = TreeRollout(generator=self.generator, any_active=self._any_process_active, **common)
             trajectories, stats = rollout.run(prompt_ids, self.environments or None)
             logprobs = None
+        self._metrics[mode]["arpo/rollout_seconds"].append(time.perf_counter() - started)  # wall time, tools included
         self.last_rollout = RolloutRecord(mode, prompt_ids, trajectories, stats)
         if self.environments:
             # Each completion's own environment (a branch's is its copy): what TRL hands to rewards (`environments=`,

@@ -14,7 +14,7 @@ loop (`vllm_engine.VLLMEngine`):
 
 Entropies: ``entropy_estimator="exact"`` reads the engine's exact full-vocabulary entropy of each opted-in token
 (computed in vLLM's worker at the sampling temperature); ``"top_k"`` is the official code's truncated entropy from
-the top-10 logprobs plus the sampled token's (ARPO_SPEC D3), computed here from the stream.
+the top-10 logprobs plus the sampled token's (docs/reproduction.md), computed here from the stream.
 
 Nothing in here is a collective: ranks whose trees branch differently never wait for each other.
 """
@@ -32,7 +32,7 @@ from typing import Any
 from ..tools import ToolCall, ToolExecutor
 from .branching import BranchPolicy
 from .rollout_tree import RolloutSettings, RolloutStats, RolloutTree, Segment, ToolProtocol
-from .tree import Trajectory
+from .tree import BRANCH, Trajectory
 
 TOP_K_CANDIDATES = 10  # the official code asks vLLM for 10 logprobs per token
 
@@ -59,6 +59,8 @@ class AsyncTreeRollout:
         stop: list[str] | None = None,
         entropy_estimator: str = "exact",
         toolset: Callable[[Trajectory], Mapping[str, Any] | None] | None = None,
+        frozen_initial: dict[int, float] | None = None,
+        measure_every_token: bool = False,
     ) -> None:
         if entropy_estimator not in ("exact", "top_k"):
             raise ValueError(f"entropy_estimator must be 'exact' or 'top_k', got {entropy_estimator!r}")
@@ -77,6 +79,9 @@ class AsyncTreeRollout:
         self.stop = stop or None
         self.entropy_estimator = entropy_estimator
         self.toolset = toolset
+        self.frozen_initial = frozen_initial  # initial_entropy="frozen_per_slot": kept by the caller across batches
+        # The entropy analyser reads every sampled token's entropy, not only the k of the windows ARPO decides on.
+        self.measure_every_token = measure_every_token
 
     def run(
         self, prompt_ids: Sequence[list[int]], environments: Sequence[Any] | None = None, seed: int | None = None
@@ -88,7 +93,14 @@ class AsyncTreeRollout:
         not depend on what else the engine is batching. Which decisions claim the last slots still depends on
         timing: unlike the round driver, the trees of two runs may differ."""
         tree = RolloutTree(
-            self.s, prompt_ids, self.protocol, self.policy, self.vocab_size, self.eos_token_id, environments
+            self.s,
+            prompt_ids,
+            self.protocol,
+            self.policy,
+            self.vocab_size,
+            self.eos_token_id,
+            environments,
+            self.frozen_initial,
         )
         # Tool calls wait in threads, bounded by the executor's worker count, while the loop keeps streaming.
         pool = ThreadPoolExecutor(max_workers=self.executor.max_workers, thread_name_prefix="arpo-tools")
@@ -104,6 +116,7 @@ class AsyncTreeRollout:
         self.cached_tokens = 0  # prompt tokens served from the prefix cache, over the batch
         self.prompt_tokens = 0
         self.tool_seconds = 0.0  # summed over calls (they overlap generation and each other)
+        self.fork_prefills: list[tuple[int, int]] = []  # per fork's first request: (prompt tokens, served from cache)
 
         def launch(trajs: Sequence[Trajectory]) -> None:
             for traj in trajs:
@@ -127,11 +140,11 @@ class AsyncTreeRollout:
         self, tree: RolloutTree, traj: Trajectory, launch, batch: int, pool: ThreadPoolExecutor, seed: int | None
     ) -> None:
         while not traj.done:
-            # Unique per (batch, trajectory, position); the kind tells a fresh rollout from the branch that may
-            # later take its slot.
-            key = f"{batch}-{traj.slot}-{traj.kind}-{len(traj.completion_ids)}"
+            # Unique per trajectory and position (the kind tells a fresh rollout from the branch that may later take
+            # its slot): the request's seed depends on the rollout's seed and on nothing else, not even the batch.
+            key = f"{traj.slot}-{traj.kind}-{len(traj.completion_ids)}"
             request_seed = None if seed is None else zlib.crc32(f"{seed}-{key}".encode()) & 0x7FFFFFFF
-            segment, window = await self._segment(tree, traj, launch, f"arpo-{key}", request_seed)
+            segment, window = await self._segment(tree, traj, launch, f"arpo-{batch}-{key}", request_seed)
             if segment is None:  # discarded while streaming: its slot went to a branch
                 return
             calls = tree.absorb(traj, segment)
@@ -154,8 +167,9 @@ class AsyncTreeRollout:
         """Stream one segment of `traj`; decide at its pending tool result as soon as k tokens are in."""
         k = self.s.entropy_window
         need = tree.needs_entropy(traj)
-        exact = need and self.entropy_estimator == "exact"
-        top = TOP_K_CANDIDATES if need and self.entropy_estimator == "top_k" else 0
+        measured = tree.room(traj) if self.measure_every_token else k  # tokens whose entropy is recorded
+        exact = (need or self.measure_every_token) and self.entropy_estimator == "exact"
+        top = TOP_K_CANDIDATES if (need or self.measure_every_token) and self.entropy_estimator == "top_k" else 0
         tree.stats.rounds += 1
         ids: list[int] = []
         logprobs: list[float] = []
@@ -169,7 +183,7 @@ class AsyncTreeRollout:
             tree.prefix(traj),
             tree.room(traj),
             self.stop,
-            entropy_tokens=k if exact else 0,
+            entropy_tokens=measured if exact else 0,
             top_logprobs=top,
             seed=seed,
         )
@@ -192,13 +206,16 @@ class AsyncTreeRollout:
                 decided = True
         self.prompt_tokens += len(tree.prefix(traj))
         self.cached_tokens += cached
+        if traj.kind == BRANCH and traj.fork_position == len(traj.completion_ids):
+            self.fork_prefills.append((len(tree.prefix(traj)), cached))
         if finish == "abort":
             raise RuntimeError(f"vLLM aborted request {request_id} (engine shut down?)")
         entropies = [math.nan] * len(ids)
+        if need or self.measure_every_token:
+            read = await self._entropies(request_id, exact, estimates, min(measured, len(ids)))
+            entropies[: len(read)] = read
         if need:
-            measured = await self._entropies(request_id, exact, estimates, min(k, len(ids)))
-            entropies[: len(measured)] = measured
-            window = tree.window(measured)
+            window = tree.window(entropies[: min(k, len(ids))])
             tree.record_initial(traj, window)
         if not decided:  # awaiting a decision but nothing to measure (no free slot): record that it passed
             launch(tree.decide(traj, None))

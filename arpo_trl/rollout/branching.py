@@ -1,4 +1,4 @@
-"""ARPO's branching decision after a tool result (paper Eq. 5, ARPO_SPEC §3.3).
+"""ARPO's branching decision after a tool result (paper Eq. 5; the official rule in docs/reproduction.md).
 
     P_t = α + β · ΔH_t
 
@@ -12,7 +12,15 @@ On a fork, Z copies are made (fewer when the prompt's budget M has fewer free sl
 from __future__ import annotations
 
 import random
+import zlib
 from dataclasses import dataclass
+
+
+def rollout_seed(seed: int, process_index: int, mode: str, step: int, calls: int) -> int:
+    """The seed of one rollout's branching draws (and of its vLLM requests): distinct per process, so ranks draw
+    different decisions; a function of the step and of the rollouts already made at that step in this mode, so the
+    same seed gives the same trees and a resumed run the trees of the uninterrupted one."""
+    return zlib.crc32(f"{seed}/{process_index}/{mode}/{step}/{calls}".encode())
 
 
 def branch_probability(delta_h: float, alpha: float, beta: float) -> float:

@@ -73,6 +73,7 @@ class TreeRollout:
         eos_token_id: int,
         any_active: Callable[[bool], bool] = _no_sync,
         toolset: Callable[[Trajectory], Mapping[str, Any] | None] | None = None,
+        frozen_initial: dict[int, float] | None = None,
     ) -> None:
         self.s = settings
         self.generate = generator
@@ -85,6 +86,7 @@ class TreeRollout:
         # Environments: the tools a trajectory's calls run against (its own environment's methods); None: the
         # executor's tools.
         self.toolset = toolset
+        self.frozen_initial = frozen_initial  # initial_entropy="frozen_per_slot": kept by the caller across batches
 
     def run(
         self, prompt_ids: Sequence[list[int]], environments: Sequence[Any] | None = None
@@ -95,7 +97,14 @@ class TreeRollout:
         `environments[i]` (TRL's `environment_factory`, reset for row i) is the environment of whatever trajectory
         starts from the prompt in slot i (a root or a fresh rollout); a branch takes a copy of its parent's."""
         tree = RolloutTree(
-            self.s, prompt_ids, self.protocol, self.policy, self.vocab_size, self.eos_token_id, environments
+            self.s,
+            prompt_ids,
+            self.protocol,
+            self.policy,
+            self.vocab_size,
+            self.eos_token_id,
+            environments,
+            self.frozen_initial,
         )
         stats = tree.stats
         live = tree.start()

@@ -12,7 +12,7 @@ tokens sampled after tool result t). A window of token entropies becomes one num
 - ``"sum_V"``: Σ_{i≤k} H_i / V — the paper's literal formula; it makes ΔH vanishingly small.
 
 ΔH_t = H(window_t) − H(window_initial) (Eq. 4). The entropies here are exact over the whole vocabulary (not the
-official top-10 truncation, ARPO_SPEC D3), computed at the sampling temperature on the model's output logits
+official top-10 truncation, docs/reproduction.md), computed at the sampling temperature on the model's output logits
 (after its own logit scaling or soft-capping, `output_logit_transform`). They are the model's distribution, as
 in the paper's Eq. 3 and TRL's training entropy: top-k, top-p, min-p and repetition-penalty processing, which
 shape what the sampler draws from, do not enter them.

@@ -30,10 +30,18 @@ def _limit_text(limit: int) -> str:
 
 
 class TagProtocol:
-    def __init__(self, tokenizer: Any, tool_names: list[str]) -> None:
+    def __init__(self, tokenizer: Any, tool_names: list[str], result_style: str = "paper") -> None:
         self.tokenizer = tokenizer
         self.tool_names = list(tool_names)
         self.stop_strings = stop_strings(self.tool_names)
+        self.result_style = result_style  # "official": the official code's leading space before <result>
+
+    @property
+    def min_result_tokens(self) -> int:
+        """Tokens of the shortest result (an empty one): a trajectory with less room does not run its calls."""
+        if not hasattr(self, "_min_result_tokens"):
+            self._min_result_tokens = len(self._encode(format_result("", self.result_style)))
+        return self._min_result_tokens
 
     def calls(self, traj: Trajectory, segment: Segment) -> list[ToolCall]:
         if segment.finish != "stop":
@@ -47,10 +55,10 @@ class TagProtocol:
         return encode_plain(self.tokenizer, text)
 
     def result_ids(self, traj: Trajectory, calls: list[ToolCall], results: list[ToolResult]) -> list[int]:
-        return self._encode("".join(format_result(r.text) for r in results))
+        return self._encode("".join(format_result(r.text, self.result_style) for r in results))
 
     def limit_notice_ids(self, traj: Trajectory, calls: list[ToolCall], limit: int) -> list[int]:
-        return self._encode(format_result(_limit_text(limit)))
+        return self._encode(format_result(_limit_text(limit), self.result_style))
 
     def completion(self, traj: Trajectory, conversational: bool) -> Any:
         text = self.tokenizer.decode(traj.completion_ids, skip_special_tokens=True)

@@ -11,7 +11,7 @@ appended, how the unused budget is filled, and the statistics. Two drivers feed 
 The algorithm:
 
 1. **Initial sampling.** Each group starts N roots. A root's first k sampled tokens give its H_initial (measured
-   afresh every batch, unlike the official code's frozen dictionary, ARPO_SPEC D2).
+   afresh every batch, unlike the official code's frozen dictionary; docs/reproduction.md).
 2. **Monitoring.** After tool result t is appended, the trajectory samples its continuation; the entropy of that
    continuation's first k tokens is H_t (``entropy_timing="after_tool"``, the paper). ``"lagged"`` uses the
    segment generated *before* the call instead, as the official code does (D1).
@@ -20,7 +20,7 @@ The algorithm:
 4. **Termination and fill.** Branching stops when the group has no free slot. Once no live trajectory of a group
    can branch any more and free slots remain, they are filled per ``rollout_fill``: ``"fresh"`` starts
    trajectory-level rollouts from the prompt (all at once), ``"sequential"`` starts one at a time, each allowed to
-   branch (the official loop, D6/D7), ``"duplicate"`` copies the group's last trajectory (reproduction only).
+   branch (the official loop), ``"duplicate"`` copies the group's last trajectory (reproduction only).
    ``"speculative"`` starts the fresh rollouts with the roots, in the free slots; a branch that finds no other
    free slot reclaims the highest such slot and its fresh rollout is discarded. Fresh rollouts do not depend on
    the tree and the discarded one is chosen by slot, not content, so the group has the distribution of
@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..tools import ToolCall, ToolResult
+from ..tools import ToolCall, ToolResult, is_empty_call
 from .branching import BranchPolicy
 from .entropy import window_entropy
 from .tree import BRANCH, DUPLICATE, FRESH, ROOT, BranchEvent, SlotPool, ToolEvent, Trajectory
@@ -82,6 +82,10 @@ class RolloutSettings:
     max_model_len: int | None = None  # the model's context (max_position_embeddings): prompt + completion stay below
     max_tool_rounds: int | None = None  # TRL's max_tool_calling_iterations
     call_limit_action: str = "eos"
+    # Reproduction of the official code (docs/reproduction.md):
+    initial_entropy: str = "per_root"  # "frozen_per_slot": H_initial keyed by slot, frozen when first measured
+    call_limit_eos_trained: bool = False  # the EOS appended at the call limit enters the loss
+    empty_tool_call: str = "error"  # "end": an empty call ends the trajectory silently (no tool, no EOS)
 
 
 @dataclass
@@ -115,6 +119,7 @@ class RolloutTree:
         vocab_size: int,
         eos_token_id: int,
         environments: Sequence[Any] | None = None,
+        frozen_initial: dict[int, float] | None = None,
     ) -> None:
         s = self.s = settings
         m = s.group_size
@@ -139,6 +144,9 @@ class RolloutTree:
         self.vocab_size = vocab_size
         self.eos_token_id = eos_token_id
         self.environments = environments
+        # initial_entropy="frozen_per_slot": slot → H of the first segment ever measured in it; the caller keeps the
+        # dictionary across batches, as the official worker does (D2).
+        self.frozen_initial = frozen_initial if frozen_initial is not None else {}
         self.stats = RolloutStats(groups=self.num_groups, completions=len(prompt_ids))
         self.slots: list[Trajectory | None] = [None] * len(prompt_ids)
         self.pool = SlotPool(self.num_groups, m, s.initial_rollouts)
@@ -166,6 +174,8 @@ class RolloutTree:
         s = self.s
         if not (s.branching and traj.can_branch) or self.pool.free(traj.group) == 0:
             return False
+        if s.initial_entropy == "frozen_per_slot" and traj.slot not in self.frozen_initial:
+            return True
         return traj.h_initial is None or traj.awaiting_entropy or s.entropy_timing == "lagged"
 
     def can_still_branch(self, traj: Trajectory) -> bool:
@@ -200,7 +210,12 @@ class RolloutTree:
 
     # ------------------------------------------------------------------ a sampled segment
     def record_initial(self, traj: Trajectory, window: float | None) -> None:
-        if traj.h_initial is None and window is not None:
+        if window is None:
+            return
+        if self.s.initial_entropy == "frozen_per_slot":
+            # The first segment measured in this slot, in this process's lifetime, for every later occupant.
+            traj.h_initial = self.frozen_initial.setdefault(traj.slot, window)
+        elif traj.h_initial is None:
             traj.h_initial = window  # the root's first k tokens
 
     def decide(self, traj: Trajectory, h_t: float | None, prepared: Sequence[Trajectory] = ()) -> list[Trajectory]:
@@ -212,6 +227,8 @@ class RolloutTree:
             return []
         if pool.free(traj.group) == 0 or self.room(traj) <= 0:
             return []  # budget M used up (or nothing left to sample): no decision to make
+        if s.initial_entropy == "frozen_per_slot":
+            traj.h_initial = self.frozen_initial.get(traj.slot, traj.h_initial)
         decision = self.policy.decide(h_t - traj.h_initial)
         stats.entropy_deltas.append(decision.delta_h)
         stats.entropy_after_tool.append(h_t)
@@ -250,6 +267,9 @@ class RolloutTree:
         """Append a sampled segment; return its tool calls, or record why the trajectory ended."""
         traj.extend(seg.ids, sampled=True, entropies=seg.entropies, logprobs=seg.logprobs)
         calls = self.protocol.calls(traj, seg)
+        if calls and self.s.empty_tool_call == "end" and all(is_empty_call(c) for c in calls):
+            traj.finish_reason = "empty_call"
+            return []
         if calls:
             return calls
         if seg.finish == "eos":
@@ -270,15 +290,16 @@ class RolloutTree:
         if s.max_tool_rounds is not None and traj.tool_rounds >= s.max_tool_rounds:
             self.stats.call_limit_hits += 1
             if s.call_limit_action == "eos" or self.room(traj) <= 0:
-                # End here. The EOS is the environment's, not sampled: mask it out of the loss. A chat-template
-                # turn already ends with its sampled EOS: nothing is added then.
+                # End here. The EOS is the environment's, not sampled: masked out of the loss (unless
+                # call_limit_eos_trained, as the official code). A chat-template turn already ends with its sampled
+                # EOS: nothing is added then.
                 if self.room(traj) > 0 and (not traj.completion_ids or traj.completion_ids[-1] != self.eos_token_id):
-                    traj.extend([self.eos_token_id], sampled=False)
+                    traj.extend([self.eos_token_id], sampled=s.call_limit_eos_trained)
                 traj.finish_reason = "call_limit"
                 return False
             self.append_result(traj, self.protocol.limit_notice_ids(traj, calls, s.max_tool_rounds), calls, None)
             return False
-        if self.room(traj) <= 1:  # a result takes at least one token and leaves room to continue: none fits
+        if self.room(traj) < getattr(self.protocol, "min_result_tokens", 1):  # no result can fit: do not run them
             traj.finish_reason = "no_room_for_result"
             return False
         return True
@@ -297,6 +318,9 @@ class RolloutTree:
         if not self.append_result(traj, ids, calls, results):
             return []
         traj.tool_rounds += 1
+        if self.room(traj) <= 0:  # the result filled the budget exactly: nothing left to sample (TRL keeps it too)
+            traj.finish_reason = "length"
+            return []
         if self.s.entropy_timing == "lagged":
             return self.decide(traj, window)
         traj.awaiting_entropy = True
@@ -305,8 +329,9 @@ class RolloutTree:
     def append_result(
         self, traj: Trajectory, ids: list[int], calls: list[ToolCall], results: list[ToolResult] | None
     ) -> bool:
-        """Append environment tokens if they fit with room to continue; else end the trajectory (as TRL does)."""
-        if len(ids) >= self.room(traj):
+        """Append environment tokens if they fit in the budget (up to filling it, as TRL's tool loop keeps a result
+        that ends exactly at max_completion_length); else end the trajectory without them (as TRL drops them)."""
+        if len(ids) > self.room(traj):
             traj.finish_reason = "no_room_for_result"
             return False
         position = len(traj.completion_ids)

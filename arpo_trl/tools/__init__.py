@@ -25,7 +25,7 @@ from .executor import ToolExecutor
 from .python_tool import PythonInterpreter, python_interpreter_available
 from .sandbox import SandboxUnavailableError
 from .search import LocalSearch, format_pages
-from .tags import format_result, parse_tag_call, stop_strings
+from .tags import format_result, is_empty_call, parse_tag_call, stop_strings
 from .web_search import WebSearch
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "build_wiki_corpus",
     "format_pages",
     "format_result",
+    "is_empty_call",
     "parse_tag_call",
     "python_interpreter_available",
     "stop_strings",

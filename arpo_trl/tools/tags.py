@@ -19,6 +19,14 @@ RESULT_CLOSE = "</result>"
 MAX_CONTENT_CHARS = 100_000
 
 
+EMPTY_CALL_ERROR = "Error: empty"
+
+
+def is_empty_call(call: ToolCall) -> bool:
+    """A call with nothing between its tags (the official code ends such a trajectory silently; docs/reproduction.md)."""
+    return bool(call.parse_error) and call.parse_error.startswith(EMPTY_CALL_ERROR)
+
+
 def stop_strings(tool_names: Iterable[str]) -> list[str]:
     """The strings that end a generation segment: each tool's closing tag."""
     return [f"</{name}>" for name in tool_names]
@@ -34,7 +42,7 @@ def parse_tag_call(
     Closing tags of other tools and ``<result>`` blocks inside the content are kept as they are.
 
     Malformed calls yield a `ToolCall` with `parse_error` set, so the model gets an error result instead of
-    silence (the official code ends such a trajectory without a word, ARPO_SPEC D11):
+    silence (the official code ends such a trajectory without a word; docs/reproduction.md):
 
     - a closing tag without an opening one before it;
     - empty (or whitespace-only) content;
@@ -60,7 +68,7 @@ def parse_tag_call(
         return ToolCall(name, "", parse_error=f"Error: found </{name}> without a matching {open_tag} before it.")
     content = text[open_pos + len(open_tag) : close_pos].strip()
     if not content:
-        return ToolCall(name, "", parse_error=f"Error: empty {open_tag} call; put the input between the tags.")
+        return ToolCall(name, "", parse_error=f"{EMPTY_CALL_ERROR} {open_tag} call; put the input between the tags.")
     if max_content_chars is not None and len(content) > max_content_chars:
         return ToolCall(
             name,
@@ -72,11 +80,14 @@ def parse_tag_call(
     return ToolCall(name, content)
 
 
-def format_result(text: str) -> str:
+def format_result(text: str, style: str = "paper") -> str:
     """Wrap a tool's output the way the model sees it inline.
 
     A literal ``</result>`` inside the output would end the block early in the model's view, so it is
-    defanged (``</result >``); the text is otherwise unchanged.
+    defanged (``</result >``); the text is otherwise unchanged. ``style="official"`` adds the official code's
+    leading space (``" <result>\n…\n</result>"``).
     """
+    if style not in ("paper", "official"):
+        raise ValueError(f"result style must be 'paper' or 'official', got {style!r}")
     text = text.replace(RESULT_CLOSE, "</result >")
-    return f"{RESULT_OPEN}\n{text}\n{RESULT_CLOSE}"
+    return (" " if style == "official" else "") + f"{RESULT_OPEN}\n{text}\n{RESULT_CLOSE}"
