@@ -60,8 +60,11 @@ demo: install
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
-# ARPO vs GRPO benchmark (bench/README.md): ~3.5 min on 2 idle CPU cores; e.g. `make bench BENCH_ARGS="--steps 20 --seeds 3"`.
+# Benchmarks (bench/README.md): ARPO vs GRPO on the tiny fixtures (~3.5 min on 2 idle CPU cores), then ARPO on vLLM vs
+# GRPO on vLLM, TRL's vLLM GRPO and ARPO on transformers, demo model (~20 min); e.g. `make bench BENCH_ARGS="--steps 20"`.
 .PHONY: bench
 BENCH_ARGS ?=
+BENCH_VLLM_ARGS ?=
 bench: install
 	$(PY) bench/arpo_vs_grpo.py $(BENCH_ARGS)
+	$(PY) bench/vllm_rollout.py $(BENCH_VLLM_ARGS)
