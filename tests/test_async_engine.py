@@ -196,28 +196,41 @@ def test_fork_starts_as_soon_as_k_tokens_after_the_result_have_streamed(tokenize
 
 
 def test_a_slow_tool_does_not_stall_other_trajectories(tokenizer):
-    """One trajectory's tool takes 1 s; the others' requests keep streaming meanwhile."""
+    """One trajectory's tool blocks until every other trajectory has streamed its whole answer: with rounds (or any
+    wait on that tool) the rollout would deadlock; here the others keep generating, so it finishes."""
+    answered = threading.Event()
+    others = 3
+    lock, first = threading.Lock(), [True]
 
     def slow(expression: str) -> str:
-        if expression.startswith("0+") and threading.current_thread().name.startswith("arpo-tool"):
-            time.sleep(1.0)
+        with lock:
+            mine, first[0] = first[0] and expression.startswith("1+"), first[0] and not expression.startswith("1+")
+        if mine:  # the first second call to arrive waits for the other three answers
+            assert answered.wait(timeout=20), "the other trajectories stalled while this tool ran"
         return calc(expression)
 
     slow.__name__ = "calc"
-    engine = ScriptedEngine(tokenizer, calls=2, delay=0.002)
+
+    class Recording(ScriptedEngine):
+        finished_answers = 0
+
+        async def stream(self, request_id, prompt_ids, *args, **kwargs):
+            async for update in super().stream(request_id, prompt_ids, *args, **kwargs):
+                yield update
+            if self.tok.decode(prompt_ids).count("<result>") == 2:  # an answer after the second result
+                Recording.finished_answers += 1
+                if Recording.finished_answers == others:
+                    answered.set()
+
+    engine = Recording(tokenizer, calls=2, delay=0.001)
     protocol = TagProtocol(tokenizer, ["calc"])
     rollout = AsyncTreeRollout(
-        settings(4, 4), engine, protocol, ToolExecutor([slow], timeout=5), BranchPolicy(0.0, 0.0, seed=0),
+        settings(4, 4), engine, protocol, ToolExecutor([slow], timeout=30), BranchPolicy(0.0, 0.0, seed=0),
         len(tokenizer), tokenizer.eos_token_id, stop=protocol.stop_strings,
     )  # fmt: skip
-    start = time.monotonic()
     trajs, stats = rollout.run([tokenizer.encode("Add 1 and 2.")] * 4)
-    took = time.monotonic() - start
-    # Every trajectory's first call is "0+…" (slow), its second is not: the four first calls overlap each other
-    # and the second segments, so the rollout takes about one tool depth, not four calls.
-    assert stats.tool_executions == 8
-    assert rollout.tool_seconds >= 4.0  # four slow calls, summed
-    assert took < 2.5  # they overlapped (1 s each), where serial calls would take more than 4 s
+    assert answered.is_set() and stats.tool_executions == 8 and stats.tool_errors == 0
+    assert all(t.finish_reason == "eos" for t in trajs)
 
 
 def test_top_k_estimator_reads_the_streamed_logprobs(tokenizer):
