@@ -2,6 +2,7 @@ import pytest
 from trl import GRPOConfig
 
 from arpo_trl import ARPOConfig
+from arpo_trl.rollout.vllm_engine import vllm_available
 
 BASE = dict(
     output_dir="/tmp/arpo-test-config",
@@ -66,7 +67,16 @@ def test_group_straddling_two_processes_is_refused(monkeypatch):
         ARPOConfig(**{**BASE, "per_device_train_batch_size": 6, "num_generations": 4})
 
 
-def test_vllm_is_refused_until_supported():
+def test_use_vllm_without_vllm_installed_says_how_to_install(monkeypatch):
+    import arpo_trl.rollout.vllm_engine as vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: False)
+    with pytest.raises(ValueError, match=r"use_vllm=True: vLLM is not installed: install it with `make install`"):
+        ARPOConfig(**BASE, use_vllm=True)
+
+
+@pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (make install brings the CPU build)")
+def test_vllm_settings_arpo_cannot_honour_are_refused():
     with pytest.raises(ValueError, match="vllm_mode='server' is not supported"):
         ARPOConfig(**BASE, use_vllm=True, vllm_mode="server")
     with pytest.raises(ValueError, match="speculative_forks=True is for the transformers round driver"):

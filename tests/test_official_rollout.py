@@ -16,6 +16,7 @@ from arpo_trl.rollout.async_engine import AsyncTreeRollout
 from arpo_trl.rollout.branching import BranchPolicy
 from arpo_trl.rollout.engine import RolloutSettings, Segment, TreeRollout
 from arpo_trl.rollout.protocols import TagProtocol
+from arpo_trl.rollout.vllm_engine import vllm_available
 from arpo_trl.testing import calc
 from arpo_trl.tools import ToolExecutor
 
@@ -162,6 +163,7 @@ def test_budget_end_stops_the_official_loop_with_exactly_m(tokenizer):
     assert stats.duplicates == 0
 
 
+@pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (the top-10 entropy reads its logprobs)")
 def test_rollout_preset_official_sets_every_knob():
     config = ARPOConfig(
         output_dir="/tmp/arpo-preset", per_device_train_batch_size=4, num_generations=4, use_cpu=True,
