@@ -239,7 +239,10 @@ class ARPOConfig(GRPOConfig):
     )
     tool_max_workers: int = field(
         default=16,
-        metadata={"help": "Tool calls of one generation round run concurrently on this many workers."},
+        metadata={
+            "help": "Tool calls run concurrently on at most this many workers (per round of the transformers driver; "
+            "over the whole rollout with vLLM)."
+        },
     )
     max_tool_response_chars: int = field(
         default=4000,

@@ -73,10 +73,14 @@ class ARPOTrainer(GRPOTrainer):
     Takes exactly the arguments of `GRPOTrainer`; `args` may be an [`ARPOConfig`] or a plain `GRPOConfig` (upgraded
     with ARPO's defaults). What differs from `GRPOTrainer`:
 
-    - `_generate` runs ARPO's tree rollout (`arpo_trl.rollout.engine.TreeRollout`) instead of TRL's single-turn
-      generation plus tool loop: N roots per prompt, branches forked after tool results when the entropy of the
-      tokens that follow rises, unused budget filled, exactly M = `num_generations` completions per prompt, the
-      tool-result tokens masked out of the loss. Evaluation samples plain trajectories with the same tools.
+    - `_generate` runs ARPO's tree rollout instead of TRL's single-turn generation plus tool loop: N roots per
+      prompt, branches forked after tool results when the entropy of the tokens that follow rises, unused budget
+      filled, exactly M = `num_generations` completions per prompt, the tool-result tokens masked out of the loss.
+      Evaluation samples plain trajectories with the same tools. One tree logic (`rollout.rollout_tree`), two
+      drivers: synchronous rounds over transformers `generate` (`rollout.engine.TreeRollout`), or with
+      `use_vllm=True` an asynchronous rollout over a colocated vLLM engine (`rollout.async_engine`), whose
+      sampling logprobs feed TRL's importance-sampling correction; TRL's own vLLM engine is not started, and the
+      weights are pushed to ARPO's before each rollout that follows an optimizer step.
     - `_generate_and_score_completions` calls TRL's, then (for `advantage_attribution="hard"`) replaces the (B,)
       advantages with per-token ones averaged over the rows that share each token's prefix.
     - Tools: with `tool_format="tags"` they are kept away from TRL's chat-template tool setup (the model calls them
