@@ -129,6 +129,44 @@ def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: in
     return model
 
 
+def widen_heads(model, head_dim: int = 32):
+    """The same Llama with attention heads of size `head_dim` (vLLM's CPU attention needs at least 32; the tiny
+    model has 16). Each head's q/k dimensions are placed where the wider rotary embedding has the same frequencies
+    (dimension i of a rotary half goes to step·i), the others are zero, q is scaled by √(head_dim / old) to keep
+    the softmax scale, and v/o follow the same layout: the function computed is unchanged, to float rounding."""
+    import math
+
+    from transformers import LlamaForCausalLM
+
+    cfg = model.config
+    old = cfg.head_dim
+    step = head_dim // old
+    if head_dim != step * old:
+        raise ValueError(f"head_dim {head_dim} must be a multiple of the model's {old}")
+    wide = LlamaForCausalLM(cfg.__class__.from_dict({**cfg.to_dict(), "head_dim": head_dim})).eval()
+    half_old, half_new = old // 2, head_dim // 2
+    index = torch.tensor([step * i for i in range(half_old)] + [half_new + step * i for i in range(half_old)])
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    for layer in range(cfg.num_hidden_layers):
+        prefix = f"model.layers.{layer}.self_attn."
+        for proj, heads, scale in (
+            ("q_proj", cfg.num_attention_heads, math.sqrt(head_dim / old)),
+            ("k_proj", cfg.num_key_value_heads, 1.0),
+            ("v_proj", cfg.num_key_value_heads, 1.0),
+        ):
+            weight = state[prefix + proj + ".weight"].view(heads, old, -1)
+            placed = torch.zeros(heads, head_dim, weight.shape[-1])
+            placed[:, index] = weight * scale
+            state[prefix + proj + ".weight"] = placed.reshape(heads * head_dim, -1)
+        weight = state[prefix + "o_proj.weight"].view(-1, cfg.num_attention_heads, old)
+        placed = torch.zeros(weight.shape[0], cfg.num_attention_heads, head_dim)
+        placed[:, :, index] = weight
+        state[prefix + "o_proj.weight"] = placed.reshape(weight.shape[0], -1)
+    wide.load_state_dict(state)
+    wide.generation_config = model.generation_config
+    return wide
+
+
 def chat_template_tokenizer():
     """SmolLM2's tokenizer with TRL's bundled Qwen2.5 chat template: tool-aware, prefix-preserving, and recognised
     by TRL's response parser (for ``tool_format="chat_template"`` and TRL's own tool loop)."""

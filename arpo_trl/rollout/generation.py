@@ -1,21 +1,30 @@
-"""Generation backends for the tree rollout (the `Generator` seam of `engine.py`).
+"""The transformers backend of the round driver (the `Generator` seam of `engine.py`).
 
 `TransformersGenerator` runs one batched `model.generate` per round and captures each sampled token's entropy
-with a forward hook on the LM head (`EntropyRecorder`), so no extra forward pass is made. A vLLM backend would
-implement the same `__call__(prefixes, max_new_tokens) -> list[Segment]` with top-K logprobs.
+with a forward hook on the LM head (`EntropyRecorder`), so no extra forward pass is made. It runs on one of two
+model sources:
+
+- `TrainerModel`: the trainer's model, sampling config and distributed wrapping (ZeRO-3 gathering, FSDP), read
+  afresh at every call, since the trainer re-wraps its model when training starts;
+- `PlainModel`: a model, its tokenizer and sampling settings, no trainer (the entropy analyser,
+  `TransformersGenerator.for_model`).
+
+The asynchronous driver's backend is `vllm_engine.VLLMEngine` (one request stream per trajectory, no `Generator`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
-from .entropy import EntropyRecorder
+from .entropy import EntropyRecorder, output_logit_transform
 from .rollout_tree import Segment
 
 if TYPE_CHECKING:
@@ -69,41 +78,189 @@ def split_segments(
     return segments
 
 
-class TransformersGenerator:
-    """Continues token prefixes with the trainer's model, sampling config and distributed wrapping."""
+class TrainerModel:
+    """The trainer's model as a generation source: its tokenizer, `generation_config`, EOS ids, device and
+    distributed wrapping (what `GRPOTrainer._generate_single_turn` uses on its transformers path)."""
 
-    def __init__(self, trainer: GRPOTrainer, stop_strings: list[str] | None, recorder: EntropyRecorder) -> None:
+    collective = True  # under ZeRO-3 / FSDP every rank must join each generate call
+
+    def __init__(self, trainer: GRPOTrainer) -> None:
         self.trainer = trainer
-        self.stop_strings = stop_strings or None
+
+    # Read from the trainer at each call, as GRPOTrainer itself does.
+    @property
+    def tokenizer(self) -> Any:
+        return self.trainer._tokenizer
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self.trainer.eos_token_ids
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.trainer._tokenizer.pad_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.trainer.accelerator.device
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        return self.trainer.generation_config
+
+    @contextlib.contextmanager
+    def generating(self) -> Iterator[Any]:
+        """The unwrapped model, parameters gathered where sharded, gradients off."""
+        t = self.trainer
+        # Copied from trl/trainer/grpo_trainer.py:1856-1871 (GRPOTrainer._generate_single_turn, transformers path):
+        # that method offers no hook for stopping criteria, per-call budgets or the LM-head entropy hook.
+        with (
+            unwrap_model_for_generation(
+                t.model_wrapped,
+                t.accelerator,
+                gather_deepspeed3_params=t.args.ds3_gather_for_generation,
+                generation_kwargs=t.generation_kwargs,
+                gradient_checkpointing_kwargs=t.args.gradient_checkpointing_kwargs,
+            ) as unwrapped_model,
+            torch.no_grad(),
+            t._dist.summon_full_params(t.model_wrapped, recurse=False),
+        ):
+            yield unwrapped_model
+
+
+class PlainModel:
+    """A plain transformers model as a generation source: no trainer, accelerator or distributed wrapping.
+
+    Args:
+        model: a causal LM, used as it is (put it in eval mode first).
+        tokenizer: its tokenizer.
+        generation_config: the sampling settings (`PlainModel.sampling` builds one).
+    """
+
+    collective = False  # one process: nothing to join when there are no rows
+
+    def __init__(self, model: Any, tokenizer: Any, generation_config: GenerationConfig) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config
+        ids = generation_config.eos_token_id
+        self.eos_token_ids: list[int] = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        self.pad_token_id: int = generation_config.pad_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @contextlib.contextmanager
+    def generating(self) -> Iterator[Any]:
+        with torch.no_grad():
+            yield self.model
+
+    @staticmethod
+    def sampling(
+        model: Any, tokenizer: Any, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0
+    ) -> GenerationConfig:
+        """Sampling at `temperature` (0: greedy) with `top_p` / `top_k` (0: off) filters, stopping at the model's
+        EOS ids and the tokenizer's."""
+        ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        if not eos:
+            raise ValueError("the model and its tokenizer name no EOS token: generation would never end")
+        sample = temperature > 0
+        return GenerationConfig(
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=top_p if sample else None,
+            top_k=top_k if sample else None,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0],
+        )
+
+
+class TransformersGenerator:
+    """Continues token prefixes with `generate` on a model source (see the module docstring).
+
+    Args:
+        source: the trainer (`GRPOTrainer`, wrapped in a `TrainerModel`) or a `PlainModel`.
+        stop_strings: strings that end a segment (the tools' closing tags).
+        recorder: the entropy hook, already registered on the source model's LM head.
+        measure_every_token: record the entropy of every sampled token of every row, ignoring the rollout's
+            `need_entropy` (the analyser reads them all; ARPO reads only the windows it decides on).
+    """
+
+    def __init__(
+        self,
+        source: GRPOTrainer | TrainerModel | PlainModel,
+        stop_strings: Sequence[str] | None,
+        recorder: EntropyRecorder,
+        *,
+        measure_every_token: bool = False,
+    ) -> None:
+        self.source = source if isinstance(source, TrainerModel | PlainModel) else TrainerModel(source)
+        self.stop_strings = list(stop_strings) if stop_strings else None
         # Built once: the constructor indexes the whole vocabulary (about 0.2 s for 49k tokens on 2 CPU cores), and
         # the criterion keeps no state between calls.
         self.stop_criterion = (
-            StopStringCriteria(tokenizer=trainer._tokenizer, stop_strings=self.stop_strings)
+            StopStringCriteria(tokenizer=self.source.tokenizer, stop_strings=self.stop_strings)
             if self.stop_strings
             else None
         )
         self.recorder = recorder
+        self.measure_every_token = measure_every_token
         self.calls = 0  # generate calls made (equal on every rank in a distributed run)
         self.idle_calls = 0  # of which this rank had no rows and joined with a dummy batch
+        self._hook: Any = None  # set by `for_model`, which registers the recorder itself
+
+    @classmethod
+    def for_model(
+        cls,
+        model: Any,
+        tokenizer: Any,
+        stop_strings: Sequence[str] | None,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        measure_every_token: bool = True,
+    ) -> TransformersGenerator:
+        """A generator on a plain model, no trainer: it samples at `temperature` (0: greedy, entropies then at
+        T = 1) and hooks an `EntropyRecorder` (the model's own logit transform, every decoding step) on the LM
+        head until `close`."""
+        scale, softcap = output_logit_transform(model.config.get_text_config())
+        recorder = EntropyRecorder(temperature if temperature > 0 else 1.0, logit_scale=scale, softcap=softcap)
+        config = PlainModel.sampling(model, tokenizer, temperature, top_p, top_k)
+        generator = cls(PlainModel(model, tokenizer, config), stop_strings, recorder,
+                        measure_every_token=measure_every_token)  # fmt: skip
+        generator._hook = model.get_output_embeddings().register_forward_hook(recorder)
+        return generator
+
+    def close(self) -> None:
+        """Remove the LM-head hook `for_model` registered (the trainer's own hook is the trainer's to keep)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def __call__(
         self, prefixes: list[list[int]], max_new_tokens: list[int], need_entropy: list[bool] | None = None
     ) -> list[Segment]:
-        t = self.trainer
-        tok = t._tokenizer
-        self.calls += 1
+        src = self.source
         dummy = not prefixes
+        if dummy and not src.collective:
+            return []
+        self.calls += 1
         if dummy:
             self.idle_calls += 1
             # Another process still generates: join the collective calls (ZeRO-3 parameter gathering, synced
             # decoding) with one throw-away row.
-            prefixes, max_new_tokens = [[tok.eos_token_id]], [1]
+            prefixes, max_new_tokens = [[src.tokenizer.eos_token_id]], [1]
         budget = max(1, max(max_new_tokens))
-        device = t.accelerator.device
+        device = src.device
         rows = [torch.tensor(p) for p in prefixes]
-        input_ids = pad(rows, padding_value=tok.pad_token_id, padding_side="left").to(device)
+        input_ids = pad(rows, padding_value=src.pad_token_id, padding_side="left").to(device)
         attention_mask = pad([torch.ones_like(r) for r in rows], padding_value=0, padding_side="left").to(device)
-        config = copy.copy(t.generation_config)
+        config = copy.copy(src.generation_config)
         config.max_new_tokens = budget
         criteria = StoppingCriteriaList()
         recorder_stop = None
@@ -111,25 +268,14 @@ class TransformersGenerator:
             recorder_stop = _FirstStop(self.stop_criterion)
             criteria.append(recorder_stop)
 
-        # Copied from trl/trainer/grpo_trainer.py:1856-1871 (GRPOTrainer._generate_single_turn, transformers path):
-        # that method offers no hook for stopping criteria, per-call budgets or the LM-head entropy hook.
         # Entropy only for the rows whose window will be read (NaN for the others); none at all if no row needs it.
-        need_rows = [i for i, need in enumerate(need_entropy or [True] * len(prefixes)) if need and not dummy]
+        needs = [True] * len(prefixes) if need_entropy is None or self.measure_every_token else need_entropy
+        need_rows = [i for i, need in enumerate(needs) if need and not dummy]
         if need_rows:
             self.recorder.arm(None if len(need_rows) == len(prefixes) else need_rows)
         try:
-            with (
-                unwrap_model_for_generation(
-                    t.model_wrapped,
-                    t.accelerator,
-                    gather_deepspeed3_params=t.args.ds3_gather_for_generation,
-                    generation_kwargs=t.generation_kwargs,
-                    gradient_checkpointing_kwargs=t.args.gradient_checkpointing_kwargs,
-                ) as unwrapped_model,
-                torch.no_grad(),
-                t._dist.summon_full_params(t.model_wrapped, recurse=False),
-            ):
-                output = unwrapped_model.generate(
+            with src.generating() as model:
+                output = model.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     generation_config=config,
@@ -139,5 +285,5 @@ class TransformersGenerator:
             entropies = self.recorder.disarm() if need_rows else None
         if dummy:
             return []
-        return split_segments(output[:, input_ids.shape[1] :], entropies, max_new_tokens, t.eos_token_ids, recorder_stop,
-                              input_ids.shape[1])  # fmt: skip
+        return split_segments(output[:, input_ids.shape[1] :], entropies, max_new_tokens, src.eos_token_ids,
+                              recorder_stop, input_ids.shape[1])  # fmt: skip

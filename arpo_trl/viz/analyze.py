@@ -22,6 +22,7 @@ interpreter) and/or ``calc``. See docs/viz.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -67,6 +68,41 @@ def load_local_tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
+def model_directory(spec: str) -> str:
+    """The local HF directory of a `--model` that is not ``fixture:tiny-calc`` (built first for
+    ``demo:cold-start``)."""
+    if spec == "demo:cold-start":
+        from arpo_trl.demo import default_cold_start
+
+        path = default_cold_start()
+    elif spec.startswith("embedded:"):
+        path = resolve_embedded(spec)
+    elif spec.startswith("fixture:"):
+        raise UsageError(f"unknown fixture model {spec!r}; known: {', '.join(FIXTURE_MODELS)}")
+    else:
+        path = spec
+    if not Path(path).is_dir():
+        raise UsageError(
+            f"--model {spec}: {path} is not a directory. Give a local Hugging Face model directory, "
+            f"{' or '.join(FIXTURE_MODELS)}, or embedded:NAME"
+        )
+    return str(path)
+
+
+def vllm_model_directory(spec: str, scratch: str) -> str:
+    """A directory vLLM can serve for `spec`. The tiny fixture model (head size 16, below the 32 vLLM's CPU
+    attention supports) is saved to `scratch` re-laid out with heads of 32 (`arpo_trl.testing.widen_heads`: the
+    same function, to float rounding)."""
+    if spec != "fixture:tiny-calc":
+        return model_directory(spec)
+    from arpo_trl.testing import load_tokenizer, tool_sft, widen_heads
+
+    tokenizer = load_tokenizer()
+    widen_heads(tool_sft(tokenizer).eval()).save_pretrained(scratch)
+    tokenizer.save_pretrained(scratch)
+    return scratch
+
+
 def load_model(spec: str, device: str = "auto") -> tuple[Any, Any]:
     """(model, tokenizer) for `spec`; the tokenizer pads on the left."""
     if spec == "fixture:tiny-calc":
@@ -75,21 +111,7 @@ def load_model(spec: str, device: str = "auto") -> tuple[Any, Any]:
         tokenizer = load_tokenizer()
         model = tool_sft(tokenizer)
     else:
-        if spec == "demo:cold-start":
-            from arpo_trl.demo import default_cold_start
-
-            path = default_cold_start()
-        elif spec.startswith("embedded:"):
-            path = resolve_embedded(spec)
-        elif spec.startswith("fixture:"):
-            raise UsageError(f"unknown fixture model {spec!r}; known: {', '.join(FIXTURE_MODELS)}")
-        else:
-            path = spec
-        if not Path(path).is_dir():
-            raise UsageError(
-                f"--model {spec}: {path} is not a directory. Give a local Hugging Face model directory, "
-                f"{' or '.join(FIXTURE_MODELS)}, or embedded:NAME"
-            )
+        path = model_directory(spec)
         from transformers import AutoModelForCausalLM
 
         tokenizer = load_local_tokenizer(path)
@@ -217,25 +239,29 @@ def analyze_entropy(
     tool_timeout: float = 30.0,
     seed: int = 0,
 ) -> tuple[dict[str, Any], list[Any]]:
-    """Roll out `samples` completions per prompt and return (profile, sample records)."""
-    from .entropy_profile import SampleRecord, entropy_profile, result_spans
-    from .sampling import rollout_with_entropies
+    """Roll out `samples` completions per prompt and return (profile, sample records).
 
+    `model`: a transformers model (sampled with `temperature`, `top_p`, `top_k`) or a `sampling.VLLMBackend` /
+    `TransformersBackend`, which carries its own sampling settings (the three arguments are then ignored)."""
+    from .entropy_profile import SampleRecord, entropy_profile, result_spans
+    from .sampling import TransformersBackend, VLLMBackend, rollout_with_entropies
+
+    if isinstance(model, TransformersBackend | VLLMBackend):
+        backend = model
+    else:
+        backend = TransformersBackend(model, tokenizer, temperature=temperature, top_p=top_p, top_k=top_k)
     records: list[SampleRecord] = []
     for first in range(0, len(prompts), batch_size):
         chunk = prompts[first : first + batch_size]
         ids = [encode_prompt(tokenizer, p) for p in chunk]
         batch = rollout_with_entropies(
-            model,
+            backend,
             tokenizer,
             ids,
             tools,
             samples=samples,
             max_new_tokens=max_new_tokens,
             max_tool_calls=max_tool_calls,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
             branching=False,
             entropy_window=window,
             tool_timeout=tool_timeout,
@@ -255,8 +281,8 @@ def analyze_entropy(
                     text=tokenizer.decode(traj.completion_ids, skip_special_tokens=False),
                 )
             )
-    vocab = int(model.get_output_embeddings().weight.shape[0])
-    profile = entropy_profile(records, k=window, max_offset=max_offset, normalization=normalization, vocab_size=vocab)
+    profile = entropy_profile(records, k=window, max_offset=max_offset, normalization=normalization,
+                              vocab_size=backend.vocab_size)  # fmt: skip
     return profile, records
 
 
@@ -272,14 +298,50 @@ def _clean(x: Any) -> Any:
 
 
 def _entropy_command(args: argparse.Namespace) -> int:
-    from .entropy_profile import plot_profile
-
     if args.samples < 1 or args.num_prompts < 1 or args.window < 1 or args.max_new_tokens < 1:
         raise UsageError("--samples, --num-prompts, --window and --max-new-tokens must be at least 1")
     tool_names = [n.strip() for item in args.tools for n in item.split(",") if n.strip()]
     tools = make_tools(tool_names, args.tool_timeout)
     prompts = load_questions(args.dataset, args.num_prompts, args.seed, args.system_prompt, tools)
-    model, tokenizer = load_model(args.model, args.device)
+    with contextlib.ExitStack() as stack:
+        if args.backend == "vllm":
+            model, tokenizer = _start_vllm(args, prompts, stack)
+        else:
+            model, tokenizer = load_model(args.model, args.device)
+        return _analyze_and_write(args, model, tokenizer, prompts, tools, tool_names)
+
+
+def _start_vllm(args: argparse.Namespace, prompts: Sequence[Any], stack: contextlib.ExitStack) -> tuple[Any, Any]:
+    """A `VLLMBackend` with the command's sampling settings, shut down when `stack` closes."""
+    import tempfile
+
+    from arpo_trl.rollout.vllm_engine import INSTALL_HINT, vllm_available
+
+    from .sampling import VLLMBackend
+
+    if not vllm_available():
+        raise UsageError(f"--backend vllm: {INSTALL_HINT}")
+    path = vllm_model_directory(args.model, stack.enter_context(tempfile.TemporaryDirectory(prefix="arpo-analyze-")))
+    tokenizer = load_local_tokenizer(path)
+    from transformers import AutoConfig
+
+    # The engine's context: the longest prompt and the completion budget (tool results included), within the model's.
+    longest = max(len(encode_prompt(tokenizer, p)) for p in prompts)
+    limit = getattr(AutoConfig.from_pretrained(path).get_text_config(), "max_position_embeddings", None)
+    max_model_len = longest + args.max_new_tokens + 1
+    if limit is not None:
+        max_model_len = min(max_model_len, limit)
+    print(f"starting vLLM on {path} (about 15-40 s)", flush=True)
+    backend = VLLMBackend(path, tokenizer, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_model_len=max_model_len, seed=args.seed)  # fmt: skip
+    stack.callback(backend.close)
+    return backend, tokenizer
+
+
+def _analyze_and_write(
+    args: argparse.Namespace, model: Any, tokenizer: Any, prompts: Sequence[Any], tools: Sequence[Any],
+    tool_names: list[str],
+) -> int:  # fmt: skip
     profile, records = analyze_entropy(
         model,
         tokenizer,
@@ -298,10 +360,36 @@ def _entropy_command(args: argparse.Namespace) -> int:
         tool_timeout=args.tool_timeout,
         seed=args.seed,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k != "func"}
     config["tools"] = tool_names
+    title = f"{args.model} on {args.dataset} with {', '.join(tool_names)} (T={args.temperature}, {args.backend})"
+    png_path, json_path = write_entropy_report(profile, records, config, Path(args.out), title=title)
+    s = profile["summary"]
+
+    def fmt(x: float | None) -> str:
+        return "—" if x is None else f"{x:.4f}"
+
+    print(f"{s['trajectories']} trajectories, {s['with_tool_call']} with a tool call, {s['tool_results']} tool results")
+    print(
+        f"mean H (nats): before first call {fmt(s['before_first_call_mean'])}, first {args.window} after a result "
+        f"{fmt(s['after_result_mean'])}, later {fmt(s['later_mean'])}, no-call trajectories {fmt(s['no_tool_call_mean'])}"
+    )
+    print(
+        f"windows ({args.normalization}): H_initial {fmt(s['h_initial_mean'])}, H_t {fmt(s['h_t_mean'])}, "
+        f"ΔH {fmt(s['delta_h_mean'])}"
+    )
+    print(f"wrote {png_path} and {json_path}")
+    return 0
+
+
+def write_entropy_report(
+    profile: dict[str, Any], records: Sequence[Any], config: dict[str, Any], out: Path, title: str = ""
+) -> tuple[Path, Path]:
+    """Write ``entropy.png`` and the strict ``entropy.json`` (curves, summary, `config`, every trajectory) into
+    `out`; return their paths."""
+    from .entropy_profile import plot_profile
+
+    out.mkdir(parents=True, exist_ok=True)
     report = {
         **profile,
         "config": config,
@@ -322,25 +410,8 @@ def _entropy_command(args: argparse.Namespace) -> int:
     }
     json_path, png_path = out / "entropy.json", out / "entropy.png"
     json_path.write_text(json.dumps(_clean(report), ensure_ascii=False), encoding="utf-8")
-    plot_profile(
-        profile, png_path, title=f"{args.model} on {args.dataset} with {', '.join(tool_names)} (T={args.temperature})"
-    )
-    s = profile["summary"]
-
-    def fmt(x: float | None) -> str:
-        return "—" if x is None else f"{x:.4f}"
-
-    print(f"{s['trajectories']} trajectories, {s['with_tool_call']} with a tool call, {s['tool_results']} tool results")
-    print(
-        f"mean H (nats): before first call {fmt(s['before_first_call_mean'])}, first {args.window} after a result "
-        f"{fmt(s['after_result_mean'])}, later {fmt(s['later_mean'])}, no-call trajectories {fmt(s['no_tool_call_mean'])}"
-    )
-    print(
-        f"windows ({args.normalization}): H_initial {fmt(s['h_initial_mean'])}, H_t {fmt(s['h_t_mean'])}, "
-        f"ΔH {fmt(s['delta_h_mean'])}"
-    )
-    print(f"wrote {png_path} and {json_path}")
-    return 0
+    plot_profile(profile, png_path, title=title)
+    return png_path, json_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -378,7 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-offset", type=int, default=128, help="longest curve (tokens)")
     p.add_argument("--system-prompt", default=None, help="replace the system prompt")
     p.add_argument("--tool-timeout", type=float, default=30.0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
+    p.add_argument(
+        "--backend",
+        default="transformers",
+        choices=["transformers", "vllm"],
+        help="generation backend: transformers generate (the round driver) or a vLLM engine (the asynchronous "
+        "driver; every token's exact entropy from the engine)",
+    )
+    p.add_argument("--device", default="auto", help="transformers backend: auto, cpu, cuda, cuda:1, …")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_entropy_command)
     return parser

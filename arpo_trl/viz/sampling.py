@@ -1,16 +1,18 @@
 """Roll a model out with tools outside any trainer, keeping every sampled token's entropy.
 
-The rollout itself is ARPO's (`arpo_trl.rollout.engine.TreeRollout`), so tool calls, results, limits and masking
-are exactly those of training; only the backend differs from the trainer's `TransformersGenerator`:
+The rollout is ARPO's own, on the rollout's own backends, so tool calls, results, limits and masking are exactly
+those of training:
 
-- `HFGenerator` calls ``model.generate`` directly (no trainer, accelerator or distributed wrapping) and reads each
-  step's entropy H_t = −Σ_j p_{t,j} log p_{t,j}, p_t = softmax(z_t / T), with the same LM-head hook
-  (`EntropyRecorder`), so no extra forward pass is made;
-- `EntropyTracking` wraps the tool protocol and keeps, per slot, the entropy of every completion token (NaN on
-  tool-result tokens), including the prefix a branch inherits from its parent.
+- `TransformersBackend`: the round driver (`TreeRollout`) over `TransformersGenerator.for_model`, the trainer's
+  generator run on a plain model; each token's entropy H = −Σ_j p_j log p_j, p = softmax(z / T), is read by the
+  LM-head hook during ``generate`` (no extra forward pass);
+- `VLLMBackend`: the asynchronous driver (`AsyncTreeRollout`) over a `VLLMEngine`, with ``measure_every_token``:
+  the engine's logits processor computes the exact entropy of every sampled token, not only ARPO's windows.
 
-With ``branching=True`` (α, β as given) this produces real rollout trees with per-token entropies, which
-`render_tree` can draw; with ``branching=False`` it is plain trajectory-level sampling (the entropy analyser).
+Either way the entropies come back in `Trajectory.token_entropies` (NaN on tool-result tokens; a branch carries
+its parent's for the prefix it inherited). With ``branching=True`` (α, β as given) this produces real rollout
+trees, which `render_tree` can draw; with ``branching=False`` it is plain trajectory-level sampling (the entropy
+analyser).
 """
 
 from __future__ import annotations
@@ -18,153 +20,148 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from transformers import GenerationConfig, StoppingCriteriaList, StopStringCriteria
 
 from ..rollout.branching import BranchPolicy
-from ..rollout.engine import RolloutSettings, RolloutStats, Segment, TreeRollout
-from ..rollout.entropy import EntropyRecorder, output_logit_transform
-from ..rollout.generation import _FirstStop, split_segments
+from ..rollout.engine import RolloutSettings, RolloutStats, TreeRollout
+from ..rollout.generation import TransformersGenerator
 from ..rollout.protocols import TagProtocol
-from ..rollout.tree import DUPLICATE, Trajectory
-from ..tools import ToolCall, ToolExecutor, ToolResult
+from ..rollout.tree import Trajectory
+from ..tools import ToolExecutor
 
-NAN = float("nan")
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
+BACKENDS = ("transformers", "vllm")
 
 
-class HFGenerator:
-    """`Generator` for `TreeRollout` on a plain transformers model: batched, left-padded ``generate``.
+class Backend(Protocol):
+    """What `rollout_with_entropies` samples through: one batch of groups, every sampled token measured."""
+
+    vocab_size: int
+
+    def rollout(
+        self,
+        settings: RolloutSettings,
+        protocol: TagProtocol,
+        executor: ToolExecutor,
+        policy: BranchPolicy,
+        rows: list[list[int]],
+        seed: int | None,
+    ) -> tuple[list[Trajectory], RolloutStats]: ...
+
+    def close(self) -> None: ...
+
+
+class TransformersBackend:
+    """The round driver over ``model.generate`` (`TransformersGenerator` on a plain model).
 
     Args:
-        model: a causal LM (its output embeddings get the entropy hook until `close`).
-        tokenizer: its tokenizer (pads on the left here).
-        stop_strings: strings that end a segment (the tools' closing tags).
-        temperature: T of p = softmax(z / T); 0 samples greedily and measures entropy at T = 1.
-        top_p, top_k: sampling filters (they do not change the measured entropy, which is over the full
-            vocabulary, as in the trainer).
+        model: a causal LM (evaluated in eval mode; its mode is restored after each batch).
+        tokenizer: its tokenizer.
+        temperature: T of p = softmax(z / T); 0 samples greedily and measures the entropy at T = 1.
+        top_p, top_k: sampling filters (0: off). They do not change the measured entropy, which is the model's
+            distribution over the whole vocabulary, as in the trainer.
+    """
+
+    def __init__(
+        self, model: Any, tokenizer: Any, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+
+    def rollout(
+        self,
+        settings: RolloutSettings,
+        protocol: TagProtocol,
+        executor: ToolExecutor,
+        policy: BranchPolicy,
+        rows: list[list[int]],
+        seed: int | None,
+    ) -> tuple[list[Trajectory], RolloutStats]:
+        if seed is not None:
+            torch.manual_seed(seed)
+        generator = TransformersGenerator.for_model(self.model, self.tokenizer, protocol.stop_strings, **self.sampling)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            rollout = TreeRollout(settings, generator, protocol, executor, policy, self.vocab_size,
+                                  self.tokenizer.eos_token_id)  # fmt: skip
+            return rollout.run(rows)
+        finally:
+            generator.close()
+            self.model.train(was_training)
+
+    def close(self) -> None:
+        pass
+
+
+class VLLMBackend:
+    """The asynchronous driver over a `VLLMEngine` started here (shut it down with `close`).
+
+    Args:
+        model_path: a HF model directory with its tokenizer (vLLM's CPU attention needs a head size of at least 32).
+        tokenizer: the same tokenizer (for the tool protocol).
+        temperature, top_p, top_k: as for `TransformersBackend` (top_k 0: off); T = 0 is greedy, entropies at T = 1.
+        max_model_len: the engine's context (prompt + completion).
+        seed: the engine's seed; each request also gets its own, from `rollout`'s seed.
+        engine_kwargs: any other `VLLMEngine` argument (``kv_cache_gib``, ``cpu_bind``, ...).
     """
 
     def __init__(
         self,
-        model: Any,
+        model_path: str,
         tokenizer: Any,
-        stop_strings: Sequence[str] | None,
         *,
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int = 0,
+        max_model_len: int,
+        seed: int = 0,
+        **engine_kwargs: Any,
     ) -> None:
-        self.model = model
+        from transformers import AutoConfig
+
+        from ..rollout.vllm_engine import VLLMEngine
+
         self.tokenizer = tokenizer
-        scale, softcap = output_logit_transform(model.config.get_text_config())
-        self.recorder = EntropyRecorder(temperature if temperature > 0 else 1.0, logit_scale=scale, softcap=softcap)
-        self._handle = model.get_output_embeddings().register_forward_hook(self.recorder)
-        self.eos_ids = _eos_ids(model, tokenizer)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
-        self.pad_id = pad
-        sampling = temperature > 0
-        self.config = GenerationConfig(
-            do_sample=sampling,
-            temperature=temperature if sampling else None,
-            top_p=top_p if sampling else None,
-            top_k=top_k if sampling else None,
-            eos_token_id=self.eos_ids,
-            pad_token_id=pad,
-        )
-        self.stop = StopStringCriteria(tokenizer=tokenizer, stop_strings=list(stop_strings)) if stop_strings else None
-        self.calls = 0
+        self.vocab_size = int(AutoConfig.from_pretrained(model_path).get_text_config().vocab_size)
+        self.max_model_len = max_model_len
+        self.engine = VLLMEngine(model_path, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
+                                 max_model_len=max_model_len, seed=seed, **engine_kwargs)  # fmt: skip
+        self._owned = True
+
+    @classmethod
+    def on_engine(cls, engine: Any, tokenizer: Any, vocab_size: int) -> VLLMBackend:
+        """A backend on an engine already running (the trainer's, after training: no second start); it samples
+        with that engine's settings, and `close` leaves the engine running."""
+        backend = cls.__new__(cls)
+        backend.tokenizer, backend.vocab_size = tokenizer, vocab_size
+        backend.engine, backend.max_model_len, backend._owned = engine, engine.max_model_len, False
+        return backend
+
+    def rollout(
+        self,
+        settings: RolloutSettings,
+        protocol: TagProtocol,
+        executor: ToolExecutor,
+        policy: BranchPolicy,
+        rows: list[list[int]],
+        seed: int | None,
+    ) -> tuple[list[Trajectory], RolloutStats]:
+        from ..rollout.async_engine import AsyncTreeRollout
+
+        if settings.max_model_len is None or settings.max_model_len > self.max_model_len:
+            settings.max_model_len = self.max_model_len  # the engine refuses anything longer
+        rollout = AsyncTreeRollout(settings, self.engine, protocol, executor, policy, self.vocab_size,
+                                   self.tokenizer.eos_token_id, stop=protocol.stop_strings,
+                                   measure_every_token=True)  # fmt: skip
+        return rollout.run(rows, seed=seed)
 
     def close(self) -> None:
-        """Remove the LM-head hook."""
-        self._handle.remove()
-
-    def __call__(
-        self, prefixes: list[list[int]], max_new_tokens: list[int], need_entropy: list[bool] | None = None
-    ) -> list[Segment]:
-        # The analyser measures every token of every row, so `need_entropy` is ignored.
-        if not prefixes:
-            return []
-        self.calls += 1
-        device = self.model.device
-        width = max(map(len, prefixes))
-        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prefixes], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=device)
-        config = GenerationConfig(**self.config.to_dict())
-        config.max_new_tokens = max(1, max(max_new_tokens))
-        criteria = StoppingCriteriaList()
-        first_stop = _FirstStop(self.stop) if self.stop is not None else None
-        if first_stop is not None:
-            criteria.append(first_stop)
-        self.recorder.arm()
-        try:
-            with torch.no_grad():
-                output = self.model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    generation_config=config,
-                    stopping_criteria=criteria,
-                )
-        finally:
-            entropies = self.recorder.disarm()
-        return split_segments(output[:, width:], entropies, max_new_tokens, self.eos_ids, first_stop, width)
-
-
-class EntropyTracking:
-    """Wraps a tool protocol; records each slot's per-token entropies, aligned with its ``completion_ids``."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.stop_strings = getattr(inner, "stop_strings", None)
-        self.entropies: dict[int, list[float]] = {}
-
-    def _row(self, traj: Trajectory) -> list[float]:
-        row = self.entropies.get(traj.slot)
-        if row is None:
-            inherited: list[float] = []
-            if traj.parent is not None and traj.fork_position is not None:
-                inherited = self.entropies.get(traj.parent, [])[: traj.fork_position]
-            row = self.entropies[traj.slot] = list(inherited)
-        return row
-
-    def calls(self, traj: Trajectory, segment: Segment) -> list[ToolCall]:
-        row = self._row(traj)
-        start = len(traj.completion_ids) - len(segment.ids)  # `traj` already holds the segment
-        del row[start:]
-        row.extend([NAN] * (start - len(row)))  # tool results (and environment EOS) since the last segment
-        row.extend(segment.entropies)
-        return self.inner.calls(traj, segment)
-
-    def result_ids(self, traj: Trajectory, calls: list[ToolCall], results: list[ToolResult]) -> list[int]:
-        return self.inner.result_ids(traj, calls, results)
-
-    def limit_notice_ids(self, traj: Trajectory, calls: list[ToolCall], limit: int) -> list[int]:
-        return self.inner.limit_notice_ids(traj, calls, limit)
-
-    def completion(self, traj: Trajectory, conversational: bool) -> Any:
-        return self.inner.completion(traj, conversational)
-
-    def finalize(self, trajectories: Sequence[Trajectory]) -> list[list[float]]:
-        """Per trajectory, one entropy per completion token (NaN where the environment wrote it)."""
-        out = []
-        for traj in trajectories:
-            if traj.kind == DUPLICATE and traj.slot not in self.entropies and traj.parent is not None:
-                row = list(self.entropies.get(traj.parent, []))
-            else:
-                row = list(self.entropies.get(traj.slot, []))
-            row = row[: len(traj.completion_ids)]
-            row += [NAN] * (len(traj.completion_ids) - len(row))
-            out.append([NAN if not m else e for e, m in zip(row, traj.tool_mask)])
-        return out
+        if self._owned:
+            self.engine.shutdown()
 
 
 @dataclass
@@ -173,7 +170,7 @@ class RecordedBatch:
 
     prompt_ids: list[list[int]]
     trajectories: list[Trajectory]
-    entropies: list[list[float]]
+    entropies: list[list[float]]  # per trajectory, one per completion token (NaN where the environment wrote it)
     stats: RolloutStats
 
 
@@ -201,15 +198,23 @@ def rollout_with_entropies(
 ) -> RecordedBatch:
     """Roll `samples` completions per prompt (M = `samples`) with the paper's tag-format tools.
 
+    `model`: a transformers model (sampled with `temperature`, `top_p`, `top_k` through a `TransformersBackend`
+    made for this call) or a backend (`TransformersBackend`, `VLLMBackend`: its own sampling settings apply, and
+    the three arguments must be left at their defaults).
+
     With ``branching=False`` every completion is an independent trajectory. With ``branching=True``, N =
     `initial_rollouts` roots start and branches fork after tool results with P = clip(α + β·ΔH, 0, 1), Z =
     `branch_factor` at a time, k = `entropy_window` tokens per entropy window.
     """
-    if seed is not None:
-        torch.manual_seed(seed)
+    if isinstance(model, TransformersBackend | VLLMBackend):
+        if (temperature, top_p, top_k) != (1.0, 1.0, 0):
+            raise ValueError("a backend samples with its own settings: set temperature/top_p/top_k on the backend")
+        backend, owned = model, False
+    else:
+        backend = TransformersBackend(model, tokenizer, temperature=temperature, top_p=top_p, top_k=top_k)
+        owned = True
     names = [getattr(t, "name", None) or t.__name__ for t in tools]
-    protocol = EntropyTracking(TagProtocol(tokenizer, names))
-    generator = HFGenerator(model, tokenizer, protocol.stop_strings, temperature=temperature, top_p=top_p, top_k=top_k)
+    protocol = TagProtocol(tokenizer, names)
     settings = RolloutSettings(
         group_size=samples,
         initial_rollouts=(initial_rollouts or samples) if branching else samples,
@@ -220,19 +225,16 @@ def rollout_with_entropies(
         max_completion_length=max_new_tokens,
         max_tool_rounds=max_tool_calls,
     )
-    vocab = int(model.get_output_embeddings().weight.shape[0])
     rows = [list(p) for p in prompt_ids for _ in range(samples)]
-    was_training = model.training
-    model.eval()
     try:
         with ToolExecutor(list(tools), timeout=tool_timeout) as executor:
             policy = BranchPolicy(alpha, beta, seed=seed)
-            rollout = TreeRollout(settings, generator, protocol, executor, policy, vocab, tokenizer.eos_token_id)
-            trajectories, stats = rollout.run(rows)
+            trajectories, stats = backend.rollout(settings, protocol, executor, policy, rows, seed)
     finally:
-        generator.close()
-        model.train(was_training)
-    return RecordedBatch(rows, trajectories, protocol.finalize(trajectories), stats)
+        if owned:
+            backend.close()
+    entropies = [[e if m else math.nan for e, m in zip(t.token_entropies, t.tool_mask)] for t in trajectories]
+    return RecordedBatch(rows, trajectories, entropies, stats)
 
 
 def teacher_forced_entropies(

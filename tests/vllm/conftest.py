@@ -1,7 +1,7 @@
 """One real vLLM engine for the whole folder, over the tool-calling tiny model, and its transformers twin.
 
 vLLM's CPU attention supports head sizes of 32 and more, and the tiny test model has 16 (hidden 64, 4 heads), so
-the engine runs an exact re-layout of it with head size 32 (`vllm_helpers.widen_heads`): same function, same
+the engine runs an exact re-layout of it with head size 32 (`arpo_trl.testing.widen_heads`): same function, same
 tokens.
 """
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from vllm_helpers import prompt_ids, widen_heads
+from vllm_helpers import prompt_ids
 
 from arpo_trl.rollout.vllm_engine import INSTALL_HINT, vllm_available
-from arpo_trl.testing import build_tiny_model
+from arpo_trl.testing import build_tiny_model, widen_heads
 
 SKIP_REASON = f"vLLM tests skipped: {INSTALL_HINT}"
 

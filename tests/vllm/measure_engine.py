@@ -18,9 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 def tiny_model_dir() -> str:
-    from vllm_helpers import widen_heads
-
-    from arpo_trl.testing import load_tokenizer, tool_sft
+    from arpo_trl.testing import load_tokenizer, tool_sft, widen_heads
 
     tok = load_tokenizer()
     path = tempfile.mkdtemp(prefix="arpo-vllm-measure-")

@@ -1,51 +1,17 @@
-"""Helpers of the vLLM tests: the tiny model's head-size re-layout, prompts, streams and teacher forcing."""
-
-import math
+"""Helpers of the vLLM tests: prompts, streams and teacher forcing (the head-size re-layout, `widen_heads`, is in
+`arpo_trl.testing`; re-exported here for the modules that import it from this one)."""
 
 import torch
 
 from arpo_trl.rollout.entropy import token_entropy
 from arpo_trl.testing import calc_prompt
+from arpo_trl.testing import widen_heads as widen_heads  # re-exported: test_trainer_vllm.py imports it from here
 
 # |vLLM − transformers| on logprobs and entropies, float32 on both sides. Measured on this model (32 tokens × 4
 # requests, T = 1 and 0.7, tests/vllm/measure_engine.py): at most 9e-6 for logprobs and 7e-6 for entropies; the
 # bounds leave room for other CPUs' kernels (the issue asks ≤ 1e-3 for entropies).
 LOGPROB_TOL = 1e-4
 ENTROPY_TOL = 1e-4
-
-
-def widen_heads(model, head_dim: int = 32):
-    """The same Llama with attention heads of size `head_dim`: each head's q/k dimensions are placed where the
-    wider rotary embedding has the same frequencies (dimension i of a rotary half goes to 2i when doubling), the
-    others are zero, q is scaled by √(head_dim / old) to keep the softmax scale, and v/o follow the same layout."""
-    from transformers import LlamaForCausalLM
-
-    cfg = model.config
-    old = cfg.head_dim
-    step = head_dim // old
-    assert head_dim == step * old
-    wide = LlamaForCausalLM(cfg.__class__.from_dict({**cfg.to_dict(), "head_dim": head_dim})).eval()
-    half_old, half_new = old // 2, head_dim // 2
-    index = torch.tensor([step * i for i in range(half_old)] + [half_new + step * i for i in range(half_old)])
-    state = {name: t.clone() for name, t in model.state_dict().items()}
-    for layer in range(cfg.num_hidden_layers):
-        prefix = f"model.layers.{layer}.self_attn."
-        for proj, heads, scale in (
-            ("q_proj", cfg.num_attention_heads, math.sqrt(head_dim / old)),
-            ("k_proj", cfg.num_key_value_heads, 1.0),
-            ("v_proj", cfg.num_key_value_heads, 1.0),
-        ):
-            weight = state[prefix + proj + ".weight"].view(heads, old, -1)
-            placed = torch.zeros(heads, head_dim, weight.shape[-1])
-            placed[:, index] = weight * scale
-            state[prefix + proj + ".weight"] = placed.reshape(heads * head_dim, -1)
-        weight = state[prefix + "o_proj.weight"].view(-1, cfg.num_attention_heads, old)
-        placed = torch.zeros(weight.shape[0], cfg.num_attention_heads, head_dim)
-        placed[:, :, index] = weight
-        state[prefix + "o_proj.weight"] = placed.reshape(weight.shape[0], -1)
-    wide.load_state_dict(state)
-    wide.generation_config = model.generation_config
-    return wide
 
 
 def prompt_ids(tokenizer, a: int, b: int, c: int) -> list[int]:
