@@ -98,7 +98,8 @@ def load_tokenizer():
     if not (path / "tokenizer.json").exists():
         tok = AutoTokenizer.from_pretrained(smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)
         tok.save_pretrained(path)
-    # PreTrainedTokenizerFast, not AutoTokenizer: keeps the exact ids of the original (TRL_NOTES §13.1).
+    # PreTrainedTokenizerFast, not AutoTokenizer: keeps the exact ids of the original (AutoTokenizer may rebuild the
+    # pre-tokenizer from the config).
     tok = PreTrainedTokenizerFast.from_pretrained(path)
     tok.padding_side = "left"
     return tok

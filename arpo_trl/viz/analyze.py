@@ -60,7 +60,7 @@ def resolve_embedded(spec: str) -> str:
 
 def load_local_tokenizer(path: str) -> Any:
     """The tokenizer of a local model directory, keeping its exact ids: `PreTrainedTokenizerFast` reads
-    tokenizer.json as it is (`AutoTokenizer` may rebuild the pre-tokenizer, TRL_NOTES §13.1)."""
+    tokenizer.json as it is (`AutoTokenizer` may rebuild the pre-tokenizer from the config and change ids)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if (Path(path) / "tokenizer.json").is_file():
