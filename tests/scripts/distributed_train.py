@@ -30,7 +30,7 @@ class CountingTrainer(ARPOTrainer):
 
 def main(output_dir: str, extra: list[str]) -> None:
     tok = load_tokenizer()
-    args = ARPOConfig(
+    settings = dict(
         output_dir=output_dir,
         per_device_train_batch_size=4,
         num_generations=4,
@@ -47,8 +47,9 @@ def main(output_dir: str, extra: list[str]) -> None:
         seed=0,
         branch_entropy_weight=0.0,
         use_cpu=True,
-        **json.loads(extra[0]) if extra else {},
     )
+    # A JSON argument overrides any of these (a shorter run for exit-reliability loops: {"max_steps": 1}).
+    args = ARPOConfig(**{**settings, **(json.loads(extra[0]) if extra else {})})
     trainer = CountingTrainer(
         model=tool_sft(tok),
         reward_funcs=[closeness_reward],
