@@ -237,14 +237,22 @@ def test_real_sandboxed_python_tool_and_lagged_timing(tool_model, tokenizer, tmp
 
 
 def test_hanging_and_crashing_tools_never_stall_training(tool_model, tokenizer, tmp_path):
+    import itertools
+    import threading
+
+    invocations, lock, kinds = itertools.count(), threading.Lock(), []
+
     def calc(expression: str) -> str:
         """
-        Hangs on odd digits, crashes otherwise.
+        Hangs on every other invocation (the first included), crashes on the rest: both happen in one step.
 
         Args:
             expression: anything.
         """
-        if any(ch in "13579" for ch in expression[-1:]):
+        with lock:
+            hang = next(invocations) % 2 == 0
+            kinds.append("hang" if hang else "crash")
+        if hang:
             time.sleep(30)
         raise RuntimeError("calculator is broken")
 
@@ -253,9 +261,9 @@ def test_hanging_and_crashing_tools_never_stall_training(tool_model, tokenizer, 
     rounds = []  # wall time of each tool round: a 30 s hang must not hold one past its 0.5 s timeout
     run = trainer.tool_executor.run
 
-    def timed_run(calls):
+    def timed_run(calls, *rest):
         start = time.monotonic()
-        results = run(calls)
+        results = run(calls, *rest)
         rounds.append((time.monotonic() - start, results))
         return results
 
@@ -263,14 +271,20 @@ def test_hanging_and_crashing_tools_never_stall_training(tool_model, tokenizer, 
     trainer.train()
     assert rounds and max(seconds for seconds, _ in rounds) < 0.5 + 5  # timeout plus scheduling slack, not 30 s
     results = [r for _, batch in rounds for r in batch]
-    assert all(r.error for r in results)
+    n = len(results)
+    # the model called the tool more than once (as it does in nearly every trajectory): both kinds happened
+    assert kinds.count("hang") >= 1 and kinds.count("crash") >= 1
+    hung = [r for r in results if r.timed_out]
+    crashed = [r for r in results if "calculator is broken" in r.text]
+    assert len(hung) == kinds.count("hang") and len(crashed) == kinds.count("crash")
+    assert all(r.error and r.text == "Error: tool 'calc' timed out after 0.5 s." for r in hung)
+    assert all(r.error and not r.timed_out for r in crashed)
+    assert all(r.error for r in results)  # the rest are malformed calls the model wrote, answered without running
     errors, timeouts = logged(trainer, "tools/errors")[0], logged(trainer, "tools/timeouts")[0]
-    assert errors == len(results) and timeouts == sum(r.timed_out for r in results)
+    assert errors == n and timeouts == len(hung)
+    # and the model read both kinds as its results
     texts = [tokenizer.decode(t.completion_ids) for t in trainer.batches[0]["rollout"].trajectories]
-    if timeouts:
-        assert any("timed out after 0.5 s" in x for x in texts)
-    if timeouts < len(results):
-        assert any("calculator is broken" in x for x in texts)
+    assert any("timed out after 0.5 s" in x for x in texts) and any("calculator is broken" in x for x in texts)
 
 
 def test_lora_via_peft_config(tool_model, tokenizer, tmp_path):
@@ -335,8 +349,22 @@ def test_drop_in_with_a_plain_grpo_config(tool_model, tokenizer, tmp_path):
 
 
 def test_evaluation_keeps_plain_sampling_with_tools(tool_model, tokenizer, tmp_path):
+    """Evaluation samples whole trajectories and never forks, even where a fork would fit: here each eval group gets
+    room for one (M = 2, N = 1) and α = 1, so the same scenario with branching switched on does fork."""
+    import dataclasses
+
+    class RoomToBranch(ARPOTrainer):
+        force_branching = False
+
+        def _rollout_settings(self, mode):
+            settings = super()._rollout_settings(mode)
+            if mode != "eval":
+                return settings
+            room = dataclasses.replace(settings, group_size=2, initial_rollouts=1)  # rows come in prompt pairs
+            return dataclasses.replace(room, branching=True) if self.force_branching else room
+
     args = make_args(tmp_path, per_device_eval_batch_size=4, num_generations_eval=2)
-    trainer = ARPOTrainer(
+    trainer = RoomToBranch(
         model=tool_model,
         reward_funcs=[closeness_reward],
         args=args,
@@ -345,11 +373,17 @@ def test_evaluation_keeps_plain_sampling_with_tools(tool_model, tokenizer, tmp_p
         processing_class=tokenizer,
         tools=[calc],
     )
+    assert trainer.args.branch_base_probability == 1.0 and trainer.args.branch_entropy_weight == 0.0
     metrics = trainer.evaluate()
     record = trainer.last_rollout
-    assert record.mode == "eval" and record.stats.branches == 0
-    assert all(t.kind == "root" for t in record.trajectories)
-    assert "eval_reward" in metrics and metrics["eval_tools/calls_per_completion"] > 0
+    assert record.mode == "eval" and record.stats.branches == 0 and record.stats.branch_probabilities == []
+    assert all(t.kind != "branch" for t in record.trajectories)
+    assert "eval_reward" in metrics and metrics["eval_tools/calls_per_completion"] > 0  # results to fork at
+    # control: the same evaluation with branching on forks at those results
+    trainer.force_branching = True
+    trainer.evaluate()
+    assert trainer.last_rollout.stats.branches > 0
+    assert any(t.kind == "branch" for t in trainer.last_rollout.trajectories)
 
 
 def test_constructor_rejects_what_arpo_cannot_do(tool_model, tokenizer, tmp_path):
