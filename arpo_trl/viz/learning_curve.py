@@ -99,6 +99,10 @@ def plot_learning_curve(
     ax_b.set_xlabel("step")
     ax_b.set_ylim(bottom=0)
     ax_b.legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_r, ax_t, ax_b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     if title:
         fig.suptitle(title)
     path = Path(path)
