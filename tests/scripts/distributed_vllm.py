@@ -29,6 +29,9 @@ class CountingTrainer(ARPOTrainer):
 
 def main(output_dir: str) -> None:
     tok = load_tokenizer()
+    # Built before the config: under ZeRO-3 a config activates DeepSpeed's zero.Init, and a model created after it
+    # is born partitioned (the re-layout needs its full weights; the trainer partitions it when training starts).
+    model = widen_heads(tool_sft(tok))  # vLLM's CPU attention needs heads of 32: same function
     args = ARPOConfig(
         output_dir=output_dir,
         per_device_train_batch_size=4,
@@ -51,7 +54,7 @@ def main(output_dir: str) -> None:
         vllm_kv_cache_gib=0.25,
     )
     trainer = CountingTrainer(
-        model=widen_heads(tool_sft(tok)),  # vLLM's CPU attention needs heads of 32: same function
+        model=model,
         reward_funcs=[closeness_reward],
         args=args,
         train_dataset=calc_dataset(64),
