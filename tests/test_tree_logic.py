@@ -180,3 +180,23 @@ def test_seeds_differ_by_rank_and_repeat_by_value():
     again.reseed(rollout_seed(42, 0, "train", 7, 0))
     assert [again.decide(0.0).fork for _ in range(64)] == draws[0]
     assert rollout_seed(42, 0, "train", 7, 0) != rollout_seed(42, 0, "eval", 7, 0)  # evaluation counts apart
+
+
+class CallsEndingWithEos:
+    """Every segment is a tool call whose turn ends with the model's EOS (as a chat-template turn does)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def __call__(self, prefixes, max_new_tokens, need_entropy=None):
+        ids = self.tok.encode(" <calc>1+1</calc>", add_special_tokens=False) + [self.tok.eos_token_id]
+        return [Segment(list(ids), [1.0] * len(ids), "stop") for _ in prefixes]
+
+
+def test_the_call_limit_adds_no_second_eos_after_a_turns_own(tokenizer):
+    trajs, stats = rollout(tokenizer, CallsEndingWithEos(tokenizer), n=4, alpha=0.0, max_tool_rounds=1)
+    eos = tokenizer.eos_token_id
+    for t in trajs:
+        assert t.finish_reason == "call_limit" and stats.call_limit_hits == 4
+        assert t.completion_ids[-1] == eos and t.completion_ids[-2] != eos  # the sampled EOS only
+        assert t.tool_mask[-1] == 1
