@@ -1,0 +1,534 @@
+"""Tests written for mutants that survived `make mutate` (tests/README.md, "Mutation testing"): each checks a
+behaviour of the model-free rollout core or of the advantages that no other test pinned down."""
+
+import math
+import re
+import threading
+import time
+
+import pytest
+import torch
+from test_async_engine import ScriptedEngine, settings
+
+from arpo_trl.advantages import hard_attribution
+from arpo_trl.rollout.async_engine import AsyncTreeRollout, truncated_entropy
+from arpo_trl.rollout.branching import BranchPolicy
+from arpo_trl.rollout.environments import NOT_TOOLS, check_forkable, environment_tools, fork_environment
+from arpo_trl.rollout.protocols import TagProtocol
+from arpo_trl.rollout.rollout_tree import RolloutSettings, RolloutTree
+from arpo_trl.rollout.tree import DUPLICATE, SlotPool, ToolEvent, Trajectory
+from arpo_trl.testing import calc
+from arpo_trl.tools import ToolCall, ToolExecutor, ToolResult
+
+# ---------------------------------------------------------------------------------------------- advantages.py
+
+
+@pytest.mark.parametrize("ids_shape, mask_shape", [((2, 3), (2, 4)), ((2, 3, 1), (2, 3, 1))])
+def test_hard_attribution_names_both_shapes_when_ids_and_mask_disagree(ids_shape, mask_shape):
+    """Either condition alone is refused (2-D but different shapes; same shapes but not 2-D), and the message
+    gives both shapes."""
+    ids, mask = torch.zeros(ids_shape, dtype=torch.long), torch.ones(mask_shape)
+    expected = f"must both be (B, T); got {tuple(ids_shape)} and {tuple(mask_shape)}"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        hard_attribution(ids, mask, torch.zeros(2), group_size=2)
+
+
+def test_hard_attribution_returns_on_the_advantages_device_whatever_the_default_device():
+    """The output is allocated where the advantages live (on GPU: the trainer's device), not on torch's default."""
+    ids = torch.tensor([[1, 2], [1, 3]])
+    advantages = torch.tensor([1.0, -1.0])
+    with torch.device("meta"):
+        out = hard_attribution(ids, torch.ones(2, 2, device="cpu"), advantages, group_size=2)
+    assert out.device == advantages.device
+    assert out.tolist() == [[0.0, 1.0], [0.0, -1.0]]
+
+
+# ---------------------------------------------------------------------------------------------- tree.py
+
+
+def test_a_duplicate_takes_its_slot_and_shares_the_whole_completion():
+    last = Trajectory(slot=1, group=0, completion_ids=[5, 6, 7], tool_mask=[1, 0, 1], finish_reason="eos")
+    twin = last.duplicate(3)
+    assert (twin.slot, twin.parent, twin.kind, twin.finish_reason) == (3, 1, DUPLICATE, "eos")
+    assert (
+        twin.fork_position == 3 and twin.completion_ids == [5, 6, 7] and twin.completion_ids is not last.completion_ids
+    )
+
+
+# ---------------------------------------------------------------------------------------------- environments.py
+
+
+class Counter:
+    """A stateful environment: its tool answers with its name and how often it was called."""
+
+    limit = 3  # a class attribute, not a tool
+
+    def __init__(self, name):
+        self.name, self.count = name, 0
+
+    def calc(self, expression: str) -> str:
+        """Count a call."""
+        self.count += 1
+        return f"{self.name}{self.count - 1}"
+
+    def reset(self, **kwargs):
+        return None
+
+    def get_reward(self):
+        return 0.0
+
+    def _private(self):
+        return None
+
+
+def test_fork_environment_prefers_fork_then_clone_then_deepcopy():
+    class Both(Counter):
+        def fork(self):
+            return Counter("forked")
+
+        def clone(self):
+            return Counter("cloned")
+
+    class CloneOnly(Counter):
+        def clone(self):
+            return Counter("cloned")
+
+    assert fork_environment(Both("x")).name == "forked"
+    assert fork_environment(CloneOnly("x")).name == "cloned"
+    env = Counter("x")
+    env.count = 3
+    twin = fork_environment(env)
+    assert twin is not env and (twin.name, twin.count) == ("x", 3)
+    twin.calc("1")
+    assert env.count == 3  # independent state
+
+
+@pytest.mark.parametrize("method", ["fork", "clone"])
+def test_a_fork_or_clone_returning_the_same_object_is_refused(method):
+    env = type("Selfish", (Counter,), {method: lambda self: self})("x")
+    with pytest.raises(ValueError, match=re.escape(f"Selfish.{method}() returned the same object; it must return")):
+        fork_environment(env)
+
+
+def test_check_forkable_trusts_fork_and_clone_and_explains_an_uncopyable_environment():
+    class Uncopyable(Counter):
+        def __deepcopy__(self, memo):
+            raise TypeError("holds a socket")
+
+    def needs_reset(self):
+        raise RuntimeError("reset() opens the connection this copies")
+
+    for method in ("fork", "clone"):  # trusted: not probed before reset (the probe would fail)
+        check_forkable(type("Own", (Uncopyable,), {method: needs_reset})("x"))
+    check_forkable(Counter("x"))  # deep-copyable: accepted
+    with pytest.raises(ValueError) as error:
+        check_forkable(Uncopyable("x"))
+    message = str(error.value)
+    assert message.startswith("environment_factory returned a Uncopyable that cannot be copied for a branch ")
+    assert "(TypeError: holds a socket)" in message
+    assert message.endswith(
+        "define a fork() (or clone()) method that returns an independent copy of the environment's state, or "
+        "make it deep-copyable."
+    )
+    assert isinstance(error.value.__cause__, TypeError)
+
+
+def test_environment_tools_are_the_standalone_tools_and_the_public_methods_bound_to_the_instance():
+    def search(query: str) -> str:
+        """Search."""
+        return query
+
+    env = Counter("x")
+    tools = environment_tools(env, [search])
+    assert sorted(tools) == ["calc", "search"]  # not reset/get_reward/fork/clone, nor _private
+    assert set(NOT_TOOLS) == {"reset", "get_reward", "fork", "clone"}
+    assert tools["search"] is search and tools["calc"]("1") == "x0" and env.count == 1
+
+
+def test_environment_copy_hooks_are_not_offered_as_tools():
+    class Hooks(Counter):
+        def fork(self):
+            return Hooks(self.name)
+
+        def clone(self):
+            return Hooks(self.name)
+
+    assert sorted(environment_tools(Hooks("x"), [])) == ["calc"]
+
+
+# ---------------------------------------------------------------------------------------------- async_engine.py
+
+
+def test_truncated_entropy_skips_impossible_candidates():
+    """A -inf logprob (p = 0) contributes 0, not NaN (0 · -inf)."""
+    value = truncated_entropy({1: -math.inf, 2: math.log(0.5), 3: math.log(0.25)})
+    assert value == pytest.approx(0.5 * math.log(2) + 0.25 * math.log(4))
+
+
+class Recording(ScriptedEngine):
+    """The scripted engine, recording each request's stop strings."""
+
+    def __init__(self, tok, calls, delay=0.0):
+        super().__init__(tok, calls, delay)
+        self.stops = []
+
+    async def stream(self, request_id, prompt_ids, max_tokens, stop, **kw):
+        self.stops.append(stop)
+        async for update in super().stream(request_id, prompt_ids, max_tokens, stop, **kw):
+            yield update
+
+
+def async_rollout(tok, m=2, n=2, calls=2, tools=(calc,), engine=None, max_workers=16, alpha=0.0, **kw):
+    protocol = TagProtocol(tok, ["calc"])
+    options = {
+        k: kw.pop(k)
+        for k in ("stop", "entropy_estimator", "toolset", "frozen_initial", "measure_every_token")
+        if k in kw
+    }
+    options.setdefault("stop", protocol.stop_strings)
+    rollout = AsyncTreeRollout(
+        settings(m, n, **kw), engine or Recording(tok, calls), protocol,
+        ToolExecutor(list(tools), timeout=5, max_workers=max_workers), BranchPolicy(alpha, 0.0, seed=0),
+        len(tok), tok.eos_token_id, **options,
+    )  # fmt: skip
+    return rollout
+
+
+def test_the_async_driver_refuses_unknown_estimators_and_speculative_forks_with_clear_messages(tokenizer):
+    with pytest.raises(ValueError, match=re.escape("entropy_estimator must be 'exact' or 'top_k', got 'top_p'")):
+        async_rollout(tokenizer, entropy_estimator="top_p")
+    message = (
+        "speculative_forks is for the round driver; the asynchronous driver forks as soon as the k tokens after a "
+        "tool result have streamed in, with no round to wait for"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        async_rollout(tokenizer, speculative_forks=True)
+
+
+@pytest.mark.parametrize("stop, sent", [(None, None), ([], None), (["</calc>"], ["</calc>"])])
+def test_the_async_driver_sends_its_stop_strings_with_every_request(tokenizer, stop, sent):
+    engine = Recording(tokenizer, calls=1)
+    async_rollout(tokenizer, engine=engine, stop=stop).run([tokenizer.encode("Add 1 and 2.")] * 2)
+    assert engine.stops and all(s == sent for s in engine.stops)
+
+
+def test_the_async_driver_runs_each_trajectorys_calls_on_its_own_environment(tokenizer):
+    envs = [Counter("a"), Counter("b")]
+    seen = []
+
+    def toolset(traj):
+        seen.append(traj.slot)
+        return environment_tools(traj.env, [])
+
+    rollout = async_rollout(tokenizer, calls=2, toolset=toolset)
+    trajs, stats = rollout.run([tokenizer.encode("Add 1 and 2.")] * 2, environments=envs)
+    for t, name in zip(trajs, "ab", strict=True):
+        assert t.env is envs[t.slot]
+        text = tokenizer.decode(t.completion_ids)
+        assert f"{name}0" in text and f"{name}1" in text  # its own state: the second call sees the first
+    assert sorted(seen) == [0, 0, 1, 1] and [e.count for e in envs] == [2, 2]
+
+
+def test_the_async_driver_keeps_the_callers_frozen_initial_entropies(tokenizer):
+    frozen = {}
+    rollout = async_rollout(tokenizer, frozen_initial=frozen, initial_entropy="frozen_per_slot", alpha=1.0, m=4)
+    trajs, _ = rollout.run([tokenizer.encode("Add 1 and 2.")] * 4)
+    assert {0, 1} <= set(frozen) and all(t.h_initial == frozen[t.slot] for t in trajs if t.slot in (0, 1))
+
+
+def test_measure_every_token_records_the_entropy_of_every_sampled_token(tokenizer):
+    trajs, _ = async_rollout(tokenizer, measure_every_token=True).run([tokenizer.encode("Add 1 and 2.")] * 2)
+    for t in trajs:
+        sampled = [h for h, mask in zip(t.token_entropies, t.tool_mask, strict=True) if mask]
+        assert len(sampled) > 4 and not any(math.isnan(h) for h in sampled)
+
+
+def test_tool_seconds_sum_the_calls_and_tools_run_in_the_bounded_pool(tokenizer):
+    running, most, lock = [0], [0], threading.Lock()
+
+    def slow(expression: str) -> str:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return "3"
+
+    slow.__name__ = "calc"
+    rollout = async_rollout(tokenizer, m=4, n=4, calls=2, tools=(slow,), max_workers=1)
+    rollout.run([tokenizer.encode("Add 1 and 2.")] * 4)
+    assert most[0] == 1  # max_workers=1: one call at a time, across trajectories
+    assert 8 * 0.05 <= rollout.tool_seconds < 30  # 8 calls, each timed from submission (queued ones wait longer)
+
+
+# ---------------------------------------------------------------------------------------------- tree.py: forks
+
+
+def test_a_fork_copies_every_field_of_the_state_and_forks_the_environment():
+    parent = Trajectory(slot=0, group=0, can_branch=False, h_initial=0.5, env=Counter("a"))
+    parent.extend([1, 2], sampled=True, entropies=[0.1, 0.2], logprobs=[-0.1, -0.2])
+    parent.messages.append({"role": "assistant", "content": "x"})
+    parent.tool_rounds = 2
+    parent.tool_events.append(ToolEvent(1, "calc", True, False))
+    parent.tool_events.append(ToolEvent(2, "search", False, True))
+    child = parent.fork(5)
+    assert (child.slot, child.group, child.parent, child.fork_position) == (5, 0, 0, 2)
+    assert (child.logprobs, child.tool_rounds, child.can_branch, child.h_initial) == ([-0.1, -0.2], 2, False, 0.5)
+    assert child.messages == parent.messages
+    child.messages[0]["content"] = "changed"
+    assert parent.messages[0]["content"] == "x"  # a deep copy: the parent's turns are untouched
+    assert isinstance(child.env, Counter) and child.env is not parent.env and child.env.name == "a"
+    assert [(e.position, e.name, e.error, e.timed_out, e.inherited) for e in child.tool_events] == [
+        (1, "calc", True, False, True),
+        (2, "search", False, True, True),
+    ]
+    assert parent.tool_events[0].inherited is False
+    assert Trajectory(slot=0, group=0).fork(1).env is None
+
+
+def test_slot_pool_reclaims_only_as_many_lent_slots_as_asked():
+    pool = SlotPool(1, 4, 1)
+    assert pool.lend(0) == [1, 2, 3]
+    assert pool.take(0, 1) == [3] and pool.free(0) == 2
+
+
+# ---------------------------------------------------------------------------------------------- rollout_tree.py
+
+
+class Protocol:
+    """Every segment ends with one call; results and limit notices are fixed token runs; arguments recorded."""
+
+    min_result_tokens = 1
+
+    def __init__(self, result_len=2):
+        self.result_len, self.seen = result_len, []
+
+    def calls(self, traj, segment):
+        return [ToolCall("calc", "1")]
+
+    def result_ids(self, traj, calls, results):
+        self.seen.append((traj, calls, results))
+        return [9] * self.result_len
+
+    def limit_notice_ids(self, traj, calls, limit):
+        self.seen.append((traj, calls, limit))
+        return [8] * self.result_len
+
+
+EOS = 0
+
+
+def make_tree(m=4, n=1, result_len=2, alpha=1.0, **kw):
+    values = dict(group_size=m, initial_rollouts=n, entropy_window=2, entropy_normalization="mean")
+    values.update(kw)
+    protocol = Protocol(result_len)
+    tree = RolloutTree(RolloutSettings(**values), [[7]] * m, protocol, BranchPolicy(alpha, 0.0, seed=0), 10, EOS)
+    return tree, protocol
+
+
+def test_tool_events_record_each_results_position_name_and_outcome():
+    tree, protocol = make_tree(max_completion_length=20)
+    (root,) = tree.start()
+    root.extend([1, 2, 3], sampled=True)
+    calls = [ToolCall("calc", "1"), ToolCall("search", "q")]
+    results = [ToolResult("x", error=True), ToolResult("y", error=True, timed_out=True)]
+    tree.apply_results(root, calls, results, None)
+    assert protocol.seen == [(root, calls, results)]
+    assert [(e.position, e.name, e.error, e.timed_out) for e in root.tool_events] == [
+        (3, "calc", True, False),
+        (3, "search", True, True),
+    ]
+    assert root.completion_ids[3:] == [9, 9] and root.tool_mask[3:] == [0, 0] and root.tool_rounds == 1
+    tree.apply_results(root, [calls[1]], [results[1]], None)
+    assert (tree.stats.tool_timeouts, tree.stats.tool_errors, root.tool_rounds) == (2, 3, 2)
+
+
+def test_a_result_that_does_not_fit_ends_the_trajectory_and_one_that_fills_it_ends_on_length():
+    tree, _ = make_tree(max_completion_length=5)
+    (root,) = tree.start()
+    root.extend([1, 2, 3, 4], sampled=True)
+    assert tree.apply_results(root, [ToolCall("calc", "1")], [ToolResult("x")], None) == []
+    assert root.finish_reason == "no_room_for_result" and root.completion_ids == [1, 2, 3, 4] and not root.tool_events
+    assert root.tool_rounds == 0
+    tree, _ = make_tree(max_completion_length=5)
+    (root,) = tree.start()
+    root.extend([1, 2, 3], sampled=True)
+    tree.apply_results(root, [ToolCall("calc", "1")], [ToolResult("x")], None)
+    assert root.finish_reason == "length" and len(root.completion_ids) == 5 and not root.awaiting_entropy
+
+
+def test_a_call_limit_notice_records_a_clean_tool_event():
+    tree, protocol = make_tree(max_completion_length=20, max_tool_rounds=0, call_limit_action="message")
+    (root,) = tree.start()
+    root.extend([1], sampled=True)
+    calls = [ToolCall("calc", "1")]
+    assert tree.admit(root, calls) is False
+    assert protocol.seen == [(root, calls, 0)]
+    assert [(e.position, e.name, e.error, e.timed_out) for e in root.tool_events] == [(1, "calc", False, False)]
+    assert root.completion_ids == [1, 8, 8] and root.tool_mask == [1, 0, 0] and not root.done
+
+
+@pytest.mark.parametrize("room, ends_with_eos", [(0, False), (1, False), (1, True), (2, False)])
+def test_the_call_limit_appends_one_eos_when_it_fits_and_none_after_a_sampled_eos(room, ends_with_eos):
+    tree, _ = make_tree(max_completion_length=6, max_tool_rounds=0)
+    (root,) = tree.start()
+    ids = [1, 2, 3, 4, 5, 6][: 6 - room]
+    if ends_with_eos:
+        ids[-1] = EOS
+    root.extend(ids, sampled=True)
+    assert tree.admit(root, [ToolCall("calc", "1")]) is False and root.finish_reason == "call_limit"
+    added = 1 if room > 0 and not ends_with_eos else 0
+    assert root.completion_ids == ids + [EOS] * added and tree.stats.call_limit_hits == 1
+
+
+def test_the_call_limit_with_a_notice_but_no_room_ends_like_eos():
+    for room, reason in ((0, "call_limit"), (1, "no_room_for_result")):
+        tree, _ = make_tree(max_completion_length=6, max_tool_rounds=0, call_limit_action="message")
+        (root,) = tree.start()
+        root.extend([1] * (6 - room), sampled=True)
+        assert tree.admit(root, [ToolCall("calc", "1")]) is False
+        assert root.finish_reason == reason  # room 1: the 2-token notice cannot fit
+
+
+def test_a_discarded_trajectory_runs_no_calls():
+    tree, _ = make_tree()
+    (root,) = tree.start()
+    root.finish_reason = "discarded"
+    assert tree.admit(root, [ToolCall("calc", "1")]) is False
+
+
+def decided_root(tree, h_initial=0.2, tokens=3):
+    (root,) = tree.start()
+    root.extend([1] * tokens, sampled=True)
+    root.h_initial, root.awaiting_entropy = h_initial, True
+    return root
+
+
+def test_a_decision_records_h_t_its_probability_and_the_forked_slots():
+    tree, _ = make_tree(m=4, n=1, branch_factor=2, alpha=0.25, max_completion_length=10)
+    tree.policy = BranchPolicy(1.0, 0.0, seed=0)
+    root = decided_root(tree)
+    forks = tree.decide(root, 0.7)
+    assert root.awaiting_entropy is False
+    assert [f.slot for f in forks] == [1, 2] and all(tree.slots[f.slot] is f for f in forks)
+    (event,) = root.branch_events
+    assert (event.position, event.delta_h, event.probability, event.forked_slots) == (
+        3,
+        pytest.approx(0.5),
+        1.0,
+        [1, 2],
+    )
+    assert tree.stats.entropy_after_tool == [0.7] and tree.stats.branch_probabilities == [1.0]
+
+
+@pytest.mark.parametrize("h_t, h_initial", [(None, 0.2), (0.5, None)])
+def test_no_decision_without_either_window(h_t, h_initial):
+    tree, _ = make_tree(max_completion_length=10)
+    root = decided_root(tree, h_initial=h_initial)
+    assert tree.decide(root, h_t) == [] and not root.branch_events and not root.awaiting_entropy
+
+
+@pytest.mark.parametrize("branching, can_branch", [(False, True), (True, False)])
+def test_no_decision_for_an_unbranchable_trajectory(branching, can_branch):
+    tree, _ = make_tree(max_completion_length=10, branching=branching)
+    root = decided_root(tree)
+    root.can_branch = can_branch
+    assert tree.decide(root, 0.5) == [] and not root.branch_events
+    assert tree.can_still_branch(root) is False
+
+
+@pytest.mark.parametrize("room, decides", [(0, False), (1, True)])
+def test_a_decision_needs_a_free_slot_and_a_token_left(room, decides):
+    tree, _ = make_tree(max_completion_length=3 + room)
+    root = decided_root(tree)
+    assert bool(tree.decide(root, 0.5)) is decides and bool(root.branch_events) is decides
+    tree, _ = make_tree(m=1, max_completion_length=10)
+    root = decided_root(tree)
+    assert tree.decide(root, 0.5) == [] and not root.branch_events  # no free slot
+
+
+def test_frozen_initial_entropy_is_read_from_the_slots_record_at_each_decision():
+    tree, _ = make_tree(max_completion_length=10, initial_entropy="frozen_per_slot")
+    tree.frozen_initial[0] = 0.1
+    root = decided_root(tree, h_initial=0.4)
+    tree.decide(root, 0.5)
+    assert root.h_initial == 0.1 and root.branch_events[0].delta_h == pytest.approx(0.4)
+    tree, _ = make_tree(max_completion_length=10)  # per_root: the slot's record is not consulted
+    tree.frozen_initial[0] = 0.1
+    root = decided_root(tree, h_initial=0.4)
+    tree.decide(root, 0.5)
+    assert root.h_initial == 0.4 and root.branch_events[0].delta_h == pytest.approx(0.1)
+    tree, _ = make_tree(max_completion_length=10, initial_entropy="frozen_per_slot")
+    root = decided_root(tree, h_initial=0.4)  # nothing recorded for the slot: its own H_initial stands
+    tree.decide(root, 0.5)
+    assert root.h_initial == 0.4
+
+
+def test_a_fork_into_a_lent_slot_discards_the_fresh_rollout_there():
+    tree, _ = make_tree(m=3, n=1, rollout_fill="speculative", max_completion_length=10)
+    root, *fresh = tree.start()
+    root.extend([1, 2], sampled=True)
+    root.h_initial, root.awaiting_entropy = 0.2, True
+    (fork,) = tree.decide(root, 0.5)
+    assert fork.slot == 2 and fresh[1].finish_reason == "discarded" and fresh[0].finish_reason is None
+    assert (tree.stats.fresh, tree.stats.discarded) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "done, room, rounds, awaiting, expected",
+    [
+        (True, 5, 0, False, False),
+        (False, 0, 0, False, False),
+        (False, 1, 0, False, True),
+        (False, 5, 1, False, False),  # at the call limit: no further decision
+        (False, 5, 1, True, True),  # ...unless one is pending at the last result
+        (False, 5, 0, False, True),
+    ],
+)
+def test_can_still_branch(done, room, rounds, awaiting, expected):
+    tree, _ = make_tree(max_completion_length=5, max_tool_rounds=1)
+    (root,) = tree.start()
+    root.extend([1] * (5 - room), sampled=True)
+    root.tool_rounds, root.awaiting_entropy = rounds, awaiting
+    if done:
+        root.finish_reason = "eos"
+    assert tree.can_still_branch(root) is expected
+
+
+@pytest.mark.parametrize("budget, expected", [({0: 3}, 2), ({0: 1}, 1), ({0: 0}, 0), ({}, 0)])
+def test_speculate_makes_at_most_z_copies_within_the_groups_budget(budget, expected):
+    tree, _ = make_tree(branch_factor=2, speculative_forks=True, max_completion_length=10)
+    root = decided_root(tree)
+    budget = dict(budget)  # consumed in place: the parameter is not reused
+    before = budget.get(0, 0)
+    copies = tree.speculate(root, budget)
+    assert len(copies) == expected and budget.get(0, 0) == before - expected
+    assert all(c.parent == 0 and c.completion_ids == root.completion_ids for c in copies)
+
+
+@pytest.mark.parametrize("field, value", [("awaiting_entropy", False), ("can_branch", False), ("h_initial", None)])
+def test_speculate_copies_only_a_row_about_to_decide(field, value):
+    tree, _ = make_tree(branch_factor=2, speculative_forks=True, max_completion_length=10)
+    root = decided_root(tree)
+    setattr(root, field, value)
+    assert tree.speculate(root, {0: 3}) == []
+
+
+@pytest.mark.parametrize("room, expected", [(0, 0), (1, 2)])
+def test_speculate_needs_a_token_left(room, expected):
+    tree, _ = make_tree(branch_factor=2, speculative_forks=True, max_completion_length=3 + room)
+    root = decided_root(tree)
+    assert len(tree.speculate(root, {0: 3})) == expected
+
+
+@pytest.mark.parametrize("room, admitted", [(0, False), (1, True)])
+def test_without_a_declared_minimum_a_one_token_result_may_still_fit(room, admitted):
+    tree, protocol = make_tree(max_completion_length=5)
+    del Protocol.min_result_tokens
+    try:
+        (root,) = tree.start()
+        root.extend([1] * (5 - room), sampled=True)
+        assert tree.admit(root, [ToolCall("calc", "1")]) is admitted
+    finally:
+        Protocol.min_result_tokens = 1
