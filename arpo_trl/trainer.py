@@ -6,6 +6,7 @@ import copy
 import logging
 import os
 import re
+import shutil
 import tempfile
 import textwrap
 import time
@@ -242,23 +243,32 @@ class ARPOTrainer(GRPOTrainer):
         if not on_cpu and a.vllm_kv_cache_gib is None:
             engine_kwargs["gpu_memory_utilization"] = a.vllm_gpu_memory_utilization
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        return VLLMEngine(
-            self._vllm_dir,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k if self.top_k and self.top_k > 0 else -1,
-            min_p=self.min_p or 0.0,
-            max_model_len=max_model_len,
-            seed=a.seed + self.accelerator.process_index,
-            kv_cache_gib=a.vllm_kv_cache_gib if a.vllm_kv_cache_gib is not None or not on_cpu else 1.0,
-            # One engine per process: on a CPU host each takes its own core, as two unpinned engines slow each other.
-            cpu_bind=str(self.accelerator.local_process_index % (os.cpu_count() or 1))
-            if on_cpu and self.accelerator.num_processes > 1
-            else None,
-            dtype=dtype,
-            max_num_seqs=max(16, a.per_device_train_batch_size * a.steps_per_generation),
-            **engine_kwargs,
-        )
+        try:
+            return VLLMEngine(
+                self._vllm_dir,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k if self.top_k and self.top_k > 0 else -1,
+                min_p=self.min_p or 0.0,
+                max_model_len=max_model_len,
+                seed=a.seed + self.accelerator.process_index,
+                kv_cache_gib=a.vllm_kv_cache_gib if a.vllm_kv_cache_gib is not None or not on_cpu else 1.0,
+                # One engine per process: on a CPU host each takes its own core, as two unpinned engines slow each other.
+                cpu_bind=str(self.accelerator.local_process_index % (os.cpu_count() or 1))
+                if on_cpu and self.accelerator.num_processes > 1
+                else None,
+                dtype=dtype,
+                max_num_seqs=max(16, a.per_device_train_batch_size * a.steps_per_generation),
+                **engine_kwargs,
+            )
+        finally:
+            shutil.rmtree(self._vllm_dir, ignore_errors=True)  # loaded: later weights come through load_weights
+
+    def end(self) -> None:
+        """TRL's end of a run, and ARPO's vLLM engine (if any) shut down with its processes."""
+        if getattr(self, "vllm_engine", None) is not None:
+            self.vllm_engine.shutdown()
+        super().end()
 
     def _sync_vllm_weights(self, mode: str) -> None:
         """After an optimizer step: the engine gets the new weights (gathered once under ZeRO-3, LoRA merged), and
