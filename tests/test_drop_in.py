@@ -167,7 +167,9 @@ def test_no_tools_samples_and_trains_exactly_like_grpo(tool_model_state, tokeniz
     ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
 )
 def test_grpo_settings_without_tools_match_grpo(tool_model_state, tokenizer, tmp_path, config):
-    grpo, arpo = run_both(tool_model_state, tokenizer, tmp_path, calc_dataset(32), lambda: [(Recorder(), None)], **config)
+    grpo, arpo = run_both(
+        tool_model_state, tokenizer, tmp_path, calc_dataset(32), lambda: [(Recorder(), None)], **config
+    )
     assert_same_training(grpo, arpo)
 
 
@@ -228,7 +230,9 @@ def test_evaluation_matches_grpo(tool_model_state, tokenizer, tmp_path):
 
 
 def test_n_defaults_to_m_without_tools_and_to_half_with_tools(tool_model, tokenizer, tmp_path):
-    common = dict(model=tool_model, reward_funcs=[Recorder()], train_dataset=calc_dataset(8), processing_class=tokenizer)
+    common = dict(
+        model=tool_model, reward_funcs=[Recorder()], train_dataset=calc_dataset(8), processing_class=tokenizer
+    )
     with pytest.warns(UserWarning, match="no tools"):
         no_tools = ARPOTrainer(args=grpo_args(tmp_path, "a"), **common)
     assert no_tools.initial_rollouts == M and no_tools.args.initial_rollouts is None
@@ -279,7 +283,9 @@ class ScriptedTurns:
             texts.append(text)
         need_entropy = need_entropy or [True] * len(prefixes)
         free = [i for i, t in enumerate(texts) if t is None]
-        sampled = iter(self.inner([prefixes[i] for i in free], [max_new_tokens[i] for i in free], [need_entropy[i] for i in free]))
+        sampled = iter(
+            self.inner([prefixes[i] for i in free], [max_new_tokens[i] for i in free], [need_entropy[i] for i in free])
+        )
         out = []
         for text in texts:
             if text is None:
@@ -315,7 +321,9 @@ def test_trl_tool_metrics_are_logged(tool_model, tokenizer, tmp_path, tool, fail
     )  # fmt: skip
     name = tool.__name__
     arg = {"expression": "4+5"}
-    trainer.generator = ScriptedTurns(trainer.generator, chat_tok, lambda turn, row: tool_call(name, **arg) if turn == 0 else None)
+    trainer.generator = ScriptedTurns(
+        trainer.generator, chat_tok, lambda turn, row: tool_call(name, **arg) if turn == 0 else None
+    )
     trainer.train()
     trajs = trainer.last_rollout.trajectories
     log = [e for e in trainer.state.log_history if "loss" in e][0]
