@@ -166,8 +166,8 @@ class ARPOConfig(GRPOConfig):
         default="exact",
         metadata={
             "help": "How each token's entropy H is measured: 'exact' = over the whole vocabulary at the sampling "
-            "temperature (paper Eq. 3); 'top_k' = the official code's truncated estimate from vLLM's top-10 "
-            "logprobs plus the sampled token's (needs use_vllm=True).",
+            "temperature (paper Eq. 3); 'top_k' = the official code's truncated estimate, Σ −p·ln p over the 10 "
+            "most likely tokens plus the sampled one, at the sampling temperature (both backends).",
             "choices": list(_CHOICES["entropy_estimator"]),
         },
     )
@@ -340,11 +340,6 @@ class ARPOConfig(GRPOConfig):
                     "speculative_forks=True is for the transformers round driver; with use_vllm=True forks start as "
                     "soon as the k tokens after a tool result have streamed in (set speculative_forks=False)"
                 )
-        elif self.entropy_estimator == "top_k":
-            raise ValueError(
-                "entropy_estimator='top_k' reads vLLM's top-10 logprobs: it needs use_vllm=True (the transformers "
-                "backend measures the exact entropy)"
-            )
         if self.vllm_kv_cache_gib is not None and self.vllm_kv_cache_gib <= 0:
             raise ValueError(f"vllm_kv_cache_gib must be > 0, got {self.vllm_kv_cache_gib}")
         if self.use_transformers_continuous_batching:

@@ -200,10 +200,13 @@ class ARPOTrainer(GRPOTrainer):
         )
         scale, softcap = output_logit_transform(self.model.config.get_text_config())
         self.entropy_recorder = EntropyRecorder(
-            self.temperature, max_steps=args.entropy_window, logit_scale=scale, softcap=softcap
+            self.temperature,
+            max_steps=args.entropy_window,
+            logit_scale=scale,
+            softcap=softcap,
+            estimator=args.entropy_estimator,
         )
-        lm_head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
-        lm_head.register_forward_hook(self.entropy_recorder)
+        self.entropy_recorder.attach(self.accelerator.unwrap_model(self.model))
         if args.tool_format == "tags":
             self.tool_protocol: TagProtocol | ChatTemplateProtocol = TagProtocol(
                 self._tokenizer, list(index), result_style=args.result_format

@@ -15,9 +15,10 @@ import zlib
 
 import pytest
 
-from arpo_trl.rollout.async_engine import AsyncTreeRollout, truncated_entropy
+from arpo_trl.rollout.async_engine import AsyncTreeRollout
 from arpo_trl.rollout.branching import BranchPolicy
 from arpo_trl.rollout.engine import RolloutSettings, Segment, TreeRollout
+from arpo_trl.rollout.entropy import truncated_entropy
 from arpo_trl.rollout.protocols import TagProtocol
 from arpo_trl.rollout.vllm_engine import StreamUpdate
 from arpo_trl.testing import calc

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from arpo_trl.rollout.branching import BranchPolicy, branch_probability
-from arpo_trl.rollout.entropy import EntropyRecorder, token_entropy, window_entropy
+from arpo_trl.rollout.entropy import EntropyRecorder, token_entropy, truncated_entropy, window_entropy
 
 
 def test_branch_probability_is_clipped_linear():
@@ -75,6 +75,67 @@ def test_entropy_hook_matches_a_teacher_forced_recompute(tokenizer):
     with torch.no_grad():
         model(out)
     assert recorder.disarm() is None
+
+
+def official_estimate(logits: torch.Tensor, sampled: int, temperature: float) -> float:
+    """The official truncated entropy written out: the 10 most likely tokens and the sampled one, at T."""
+    logprobs = torch.log_softmax(logits.double() / temperature, dim=-1)
+    candidates = {int(t): float(logprobs[t]) for t in logprobs.topk(10).indices}
+    candidates[sampled] = float(logprobs[sampled])
+    return truncated_entropy(candidates)
+
+
+@pytest.mark.parametrize("max_steps", [None, 5])
+def test_top_k_hook_matches_the_official_estimate_on_a_teacher_forced_recompute(tokenizer, max_steps):
+    """estimator="top_k": each step's value is the top-10 + sampled-token entropy of that step's distribution,
+    with the token that step really sampled (not the previous or next one), for the rows armed only."""
+    from arpo_trl.testing import build_tiny_model
+
+    model = build_tiny_model(tokenizer, seed=3).eval()
+    recorder = EntropyRecorder(temperature=0.7, max_steps=max_steps, estimator="top_k")
+    handles = recorder.attach(model)
+    prompt = torch.tensor([tokenizer.encode("Add 3, 4 and 5.")] * 2)
+    torch.manual_seed(0)
+    recorder.arm([1])
+    out = model.generate(prompt, max_new_tokens=12, do_sample=True, temperature=0.7, pad_token_id=0, eos_token_id=None)
+    new_ids = out[:, prompt.shape[1] :]
+    hooked = recorder.disarm(new_ids)
+    steps = 12 if max_steps is None else max_steps
+    assert hooked.shape == (2, steps) and torch.isnan(hooked[0]).all()
+    with torch.no_grad():
+        logits = model(out).logits[1, prompt.shape[1] - 1 : -1]
+    want = [official_estimate(logits[i], int(new_ids[1, i]), 0.7) for i in range(steps)]
+    assert hooked[1].tolist() == pytest.approx(want, abs=1e-4)
+    # The truncated estimate is not the exact entropy (the test would not tell them apart otherwise).
+    assert max(abs(a - b) for a, b in zip(want, token_entropy(logits[:steps], 0.7).tolist())) > 1e-3
+    for handle in handles:
+        handle.remove()
+
+
+def test_top_k_generator_segments_carry_the_official_estimate(tokenizer):
+    """Through the transformers backend (`TransformersGenerator`, rows cut at their own ends), each segment's
+    entropies are the official estimate of the tokens it kept."""
+    from arpo_trl.rollout.generation import TransformersGenerator
+    from arpo_trl.testing import build_tiny_model
+
+    model = build_tiny_model(tokenizer, seed=3).eval()
+    generator = TransformersGenerator.for_model(model, tokenizer, None, temperature=1.0, entropy_estimator="top_k")
+    prompts = [tokenizer.encode("Add 3, 4 and 5."), tokenizer.encode("Add 1 and 2, then 7.")]
+    torch.manual_seed(1)
+    segments = generator(prompts, [9, 6])
+    generator.close()
+    assert [len(s.ids) for s in segments] == [9, 6]
+    for prompt, segment in zip(prompts, segments):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + segment.ids])).logits[0, len(prompt) - 1 : -1]
+        want = [official_estimate(logits[i], segment.ids[i], 1.0) for i in range(len(segment.ids))]
+        assert segment.entropies == pytest.approx(want, abs=1e-4)
+    assert not any(h._forward_pre_hooks for h in [model.get_input_embeddings()])  # close removed both hooks
+
+
+def test_recorder_refuses_an_unknown_estimator():
+    with pytest.raises(ValueError, match="entropy estimator must be 'exact' or 'top_k', got 'top_10'"):
+        EntropyRecorder(1.0, estimator="top_10")
 
 
 def test_recorder_stops_after_k_steps_and_segments_stay_aligned():

@@ -11,8 +11,9 @@ import torch
 from test_async_engine import ScriptedEngine, settings
 
 from arpo_trl.advantages import hard_attribution
-from arpo_trl.rollout.async_engine import AsyncTreeRollout, truncated_entropy
+from arpo_trl.rollout.async_engine import AsyncTreeRollout
 from arpo_trl.rollout.branching import BranchPolicy
+from arpo_trl.rollout.entropy import truncated_entropy
 from arpo_trl.rollout.environments import NOT_TOOLS, check_forkable, environment_tools, fork_environment
 from arpo_trl.rollout.protocols import TagProtocol
 from arpo_trl.rollout.rollout_tree import RolloutSettings, RolloutTree

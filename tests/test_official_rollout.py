@@ -16,7 +16,6 @@ from arpo_trl.rollout.async_engine import AsyncTreeRollout
 from arpo_trl.rollout.branching import BranchPolicy
 from arpo_trl.rollout.engine import RolloutSettings, Segment, TreeRollout
 from arpo_trl.rollout.protocols import TagProtocol
-from arpo_trl.rollout.vllm_engine import vllm_available
 from arpo_trl.testing import calc
 from arpo_trl.tools import ToolExecutor
 
@@ -163,11 +162,10 @@ def test_budget_end_stops_the_official_loop_with_exactly_m(tokenizer):
     assert stats.duplicates == 0
 
 
-@pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (the top-10 entropy reads its logprobs)")
 def test_rollout_preset_official_sets_every_knob():
     config = ARPOConfig(
         output_dir="/tmp/arpo-preset", per_device_train_batch_size=4, num_generations=4, use_cpu=True,
-        report_to="none", use_vllm=True, rollout_preset="official", rollout_fill="fresh", entropy_timing="after_tool",
+        report_to="none", rollout_preset="official", rollout_fill="fresh", entropy_timing="after_tool",
     )  # fmt: skip
     assert (config.entropy_timing, config.rollout_fill, config.entropy_estimator) == ("lagged", "sequential", "top_k")
     assert (config.initial_entropy, config.call_limit_eos_trained, config.empty_tool_call) == (

@@ -473,3 +473,36 @@ def test_chat_template_tool_format_with_the_sandboxed_interpreter(tool_model, to
             cut = t.fork_position
             assert t.completion_ids[:cut] == trajs[t.parent].completion_ids[:cut]
             assert chat_tok.decode(t.completion_ids[:cut]).endswith("<|im_start|>assistant\n")
+
+
+def test_official_preset_on_transformers_measures_the_top_k_estimate(tool_model, tokenizer, tool_model_state, tmp_path):
+    """rollout_preset="official" without vLLM: the transformers backend records, for every token it measured, the
+    official top-10 + sampled-token entropy of the rollout's model (teacher-forced recompute), and training runs."""
+    from arpo_trl.rollout.entropy import truncated_entropy
+    from arpo_trl.testing import build_tiny_model
+
+    args = make_args(tmp_path, rollout_preset="official", max_steps=1, entropy_window=4)
+    trainer = make_trainer(tool_model, tokenizer, args)
+    assert trainer.args.entropy_estimator == "top_k" and trainer.args.use_vllm is False
+    trainer.train()
+    record = trainer.batches[0]["rollout"]
+    reference = build_tiny_model(tokenizer)
+    reference.load_state_dict(tool_model_state)  # the weights the rollout sampled with (before the step)
+    reference.eval()
+    checked = 0
+    for traj in record.trajectories:
+        prompt = record.prompt_ids[traj.group * M]
+        with torch.no_grad():
+            logits = reference(torch.tensor([prompt + traj.completion_ids])).logits[0, len(prompt) - 1 : -1]
+        logprobs = torch.log_softmax(logits.double() / args.temperature, dim=-1)
+        for i, measured in enumerate(traj.token_entropies):
+            if math.isnan(measured):
+                continue
+            token = traj.completion_ids[i]
+            candidates = {int(t): float(logprobs[i, t]) for t in logprobs[i].topk(10).indices}
+            candidates[token] = float(logprobs[i, token])
+            # 1e-3: the issue's bound for a teacher-forced recompute (batched, left-padded sampling differs ~1e-4)
+            assert measured == pytest.approx(truncated_entropy(candidates), abs=1e-3), (traj.slot, i)
+            checked += 1
+    assert checked >= len(record.trajectories) * 4  # every trajectory's first window at least
+    assert math.isfinite(logged(trainer, "loss")[0])

@@ -31,15 +31,9 @@ from typing import Any
 
 from ..tools import ToolCall, ToolExecutor
 from .branching import BranchPolicy
+from .entropy import TOP_K_CANDIDATES, truncated_entropy
 from .rollout_tree import RolloutSettings, RolloutStats, RolloutTree, Segment, ToolProtocol
 from .tree import BRANCH, Trajectory
-
-TOP_K_CANDIDATES = 10  # the official code asks vLLM for 10 logprobs per token
-
-
-def truncated_entropy(candidates: Mapping[int, float]) -> float:
-    """Σ −p·ln p over the given candidates' logprobs (the official top-10 + sampled-token estimate, in nats)."""
-    return -sum(math.exp(lp) * lp for lp in candidates.values() if lp > -math.inf)
 
 
 class AsyncTreeRollout:

@@ -211,7 +211,7 @@ class TransformersGenerator:
         self.measure_every_token = measure_every_token
         self.calls = 0  # generate calls made (equal on every rank in a distributed run)
         self.idle_calls = 0  # of which this rank had no rows and joined with a dummy batch
-        self._hook: Any = None  # set by `for_model`, which registers the recorder itself
+        self._hooks: list[Any] = []  # set by `for_model`, which registers the recorder itself
 
     @classmethod
     def for_model(
@@ -224,23 +224,25 @@ class TransformersGenerator:
         top_p: float = 1.0,
         top_k: int = 0,
         measure_every_token: bool = True,
+        entropy_estimator: str = "exact",
     ) -> TransformersGenerator:
         """A generator on a plain model, no trainer: it samples at `temperature` (0: greedy, entropies then at
-        T = 1) and hooks an `EntropyRecorder` (the model's own logit transform, every decoding step) on the LM
-        head until `close`."""
+        T = 1) and hooks an `EntropyRecorder` (the model's own logit transform, every decoding step,
+        `entropy_estimator` "exact" or "top_k") on the model until `close`."""
         scale, softcap = output_logit_transform(model.config.get_text_config())
-        recorder = EntropyRecorder(temperature if temperature > 0 else 1.0, logit_scale=scale, softcap=softcap)
+        recorder = EntropyRecorder(temperature if temperature > 0 else 1.0, logit_scale=scale, softcap=softcap,
+                                   estimator=entropy_estimator)  # fmt: skip
         config = PlainModel.sampling(model, tokenizer, temperature, top_p, top_k)
         generator = cls(PlainModel(model, tokenizer, config), stop_strings, recorder,
                         measure_every_token=measure_every_token)  # fmt: skip
-        generator._hook = model.get_output_embeddings().register_forward_hook(recorder)
+        generator._hooks = recorder.attach(model)
         return generator
 
     def close(self) -> None:
-        """Remove the LM-head hook `for_model` registered (the trainer's own hook is the trainer's to keep)."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        """Remove the hooks `for_model` registered (the trainer's own hooks are the trainer's to keep)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def __call__(
         self, prefixes: list[list[int]], max_new_tokens: list[int], need_entropy: list[bool] | None = None
@@ -273,6 +275,7 @@ class TransformersGenerator:
         need_rows = [i for i, need in enumerate(needs) if need and not dummy]
         if need_rows:
             self.recorder.arm(None if len(need_rows) == len(prefixes) else need_rows)
+        new_ids = None
         try:
             with src.generating() as model:
                 output = model.generate(
@@ -281,9 +284,11 @@ class TransformersGenerator:
                     generation_config=config,
                     stopping_criteria=criteria,
                 )
+            new_ids = output[:, input_ids.shape[1] :]
         finally:
-            entropies = self.recorder.disarm() if need_rows else None
+            # top_k reads the last step's sampled token from the output.
+            entropies = self.recorder.disarm(new_ids) if need_rows else None
         if dummy:
             return []
-        return split_segments(output[:, input_ids.shape[1] :], entropies, max_new_tokens, src.eos_token_ids,
-                              recorder_stop, input_ids.shape[1])  # fmt: skip
+        return split_segments(new_ids, entropies, max_new_tokens, src.eos_token_ids, recorder_stop,
+                              input_ids.shape[1])  # fmt: skip
