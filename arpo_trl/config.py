@@ -162,13 +162,14 @@ class ARPOConfig(GRPOConfig):
             "distribution as forking one round later, fewer generation rounds, more tokens sampled."
         },
     )
-    entropy_estimator: str = field(
-        default="exact",
+    entropy_estimator: str | None = field(
+        default=None,
         metadata={
             "help": "How each token's entropy H is measured: 'exact' = over the whole vocabulary at the sampling "
             "temperature (paper Eq. 3); 'top_k' = the official code's truncated estimate, Σ −p·ln p over the 10 "
-            "most likely tokens plus the sampled one, at the sampling temperature (both backends).",
-            "choices": list(_CHOICES["entropy_estimator"]),
+            "most likely tokens plus the sampled one, at the sampling temperature. Unset: 'exact', except with "
+            "vllm_mode='server', whose server computes no exact entropy ('top_k').",
+            "choices": [None, *_CHOICES["entropy_estimator"]],
         },
     )
     vllm_kv_cache_gib: float | None = field(
@@ -279,6 +280,9 @@ class ARPOConfig(GRPOConfig):
                 if getattr(self, name) != value:
                     logger.info("rollout_preset='official' sets %s=%r (was %r)", name, value, getattr(self, name))
                 setattr(self, name, value)
+        server = self.use_vllm and self.vllm_mode == "server"
+        if self.entropy_estimator is None:
+            self.entropy_estimator = "top_k" if server else "exact"
         for name, allowed in _CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
@@ -328,12 +332,14 @@ class ARPOConfig(GRPOConfig):
         if self.use_vllm:
             from .rollout.vllm_engine import INSTALL_HINT, vllm_available
 
-            if not vllm_available():
+            if self.vllm_mode not in ("colocate", "server"):
+                raise ValueError(f"vllm_mode={self.vllm_mode!r} is not one of 'colocate', 'server'")
+            if not server and not vllm_available():
                 raise ValueError(f"use_vllm=True: {INSTALL_HINT}")
-            if self.vllm_mode != "colocate":
+            if server and self.entropy_estimator == "exact":
                 raise ValueError(
-                    f"vllm_mode={self.vllm_mode!r} is not supported by ARPOTrainer yet: its asynchronous tree rollout "
-                    "streams every trajectory from an engine it starts in-process (vllm_mode='colocate')"
+                    "entropy_estimator='exact' needs ARPO's logits processor inside the engine (vllm_mode='colocate'); "
+                    "a vLLM server returns logprobs only: use entropy_estimator='top_k' (the official estimate)"
                 )
             if self.speculative_forks:
                 raise ValueError(

@@ -151,11 +151,11 @@ def cold_start(base: str, steps: int, seed: int, top_layers: int) -> str:
     return str(out)
 
 
-# The stage banners' estimates, in seconds on 2 idle CPU cores: conversion + cold start measured together at 71 s
-# from an empty cache, and 21 s per ARPO step of this batch shape (2 prompts × M = 4, 96 tokens, transformers),
-# earlier on the same machine; the vLLM engine's start is 15–40 s. The ARPO stage's progress lines then
-# extrapolate from the steps already run, so a busier machine shows its own pace.
-ESTIMATES = {"model": 25, "cold_start": 46, "engine": 30, "step": 21, "entropy": 40}
+# The stage banners' estimates, in seconds on 2 idle CPU cores, from `python -m arpo_trl.demo --seed 0` on an empty
+# cache (7 min 29 s in all): conversion 19 s, cold start 64 s, 25 s per ARPO step of this batch shape (2 prompts ×
+# M = 4, 96 tokens, transformers), pictures 60 s; the vLLM engine's start is 15–40 s. The ARPO stage's progress
+# lines then extrapolate from the steps already run, so a busier machine shows its own pace.
+ESTIMATES = {"model": 20, "cold_start": 65, "engine": 30, "step": 25, "entropy": 60}
 
 
 def format_ok(completions: list, **kwargs) -> list[float]:

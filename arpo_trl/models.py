@@ -67,7 +67,7 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_tokenizer(path: str):
-    """Reload a tokenizer keeping its exact ids (`AutoTokenizer` may rebuild the pre-tokenizer: TRL_NOTES §13.1)."""
+    """Reload a tokenizer keeping its exact ids (`AutoTokenizer` may rebuild the pre-tokenizer, which changes how text splits into ids)."""
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(resolve_model_path(path))

