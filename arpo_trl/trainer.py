@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
 import os
@@ -66,6 +67,23 @@ class RolloutRecord:
     prompt_ids: list[list[int]]
     trajectories: list[Trajectory]
     stats: RolloutStats
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Register (once per process) an exit hook that destroys the default process group if it is still alive."""
+    global _EXIT_HOOK_REGISTERED
+    if _EXIT_HOOK_REGISTERED or not torch.distributed.is_available():
+        return
+    _EXIT_HOOK_REGISTERED = True
+
+    def destroy() -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(destroy)
+
+
+_EXIT_HOOK_REGISTERED = False
 
 
 class ARPOTrainer(GRPOTrainer):
@@ -285,6 +303,15 @@ class ARPOTrainer(GRPOTrainer):
             )
         finally:
             shutil.rmtree(self._vllm_dir, ignore_errors=True)  # loaded: later weights come through load_weights
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """TRL's `train`; once it has returned, the process group is destroyed at interpreter exit if the script has
+        not done so itself (`end`). A process that exits with the group alive can abort while tearing down gloo's
+        worker threads (SIGABRT, "terminate called without an active exception") after a finished run: PyTorch
+        #179291. Not after a failed `train`, where another rank may still be inside a collective."""
+        output = super().train(*args, **kwargs)
+        _destroy_process_group_at_exit()
+        return output
 
     def end(self) -> None:
         """TRL's end of a run, and ARPO's vLLM engine (if any) shut down with its processes."""

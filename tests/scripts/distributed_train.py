@@ -73,7 +73,7 @@ def main(output_dir: str, extra: list[str]) -> None:
     }
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
-    trainer.end()  # destroy the process group before exit (else a rank can abort while tearing down its threads)
+    # No trainer.end(), as in many users' scripts: ARPOTrainer.train() destroys the process group at exit.
 
 
 if __name__ == "__main__":
