@@ -1,9 +1,14 @@
 """The benchmark's measurement layer: per-step records and the wrappers that time and count from outside.
 
+Why wrappers rather than public hooks: TRL's `profiling_context` timers go only to wandb / MLflow / Trackio, and
+`GRPOTrainer` exposes no other per-phase timing or token count; to compare the two trainers on the same footing,
+the same wrappers time both. The vLLM benchmark (`vllm_rollout.py`) reads ARPO's own logged metrics
+(`arpo/rollout_seconds`, `tools/seconds`, `vllm/*`) through a `TrainerCallback` instead.
+
 `install_probes` wraps (once, process-wide) the class methods whose time or output `arpo_vs_grpo.py` reads —
-the model's `generate`, the entropy hook, the stop-string criterion, the tree engine, the tool executor, the
-generator, TRL's generation and tool loop, both trainers' `_generate` and reward computation — and `timed_tool`
-wraps a tool function. Each wrapper adds to the `StepRecord` of the `Probe` active on the calling thread and does
+the model's `generate`, the entropy hook, the stop-string criterion, the round driver and `RolloutTree.fill`, the
+tool executor, the generator, TRL's generation and tool loop, both trainers' `_generate` and reward computation —
+and `timed_tool` wraps a tool function. Each wrapper adds to the `StepRecord` of the `Probe` active on the calling thread and does
 nothing outside a step. The figures are defined in the docstring of `arpo_vs_grpo.py`.
 """
 
@@ -25,6 +30,7 @@ from arpo_trl import ARPOTrainer
 from arpo_trl.rollout.engine import TreeRollout
 from arpo_trl.rollout.entropy import EntropyRecorder
 from arpo_trl.rollout.generation import TransformersGenerator
+from arpo_trl.rollout.rollout_tree import RolloutTree
 from arpo_trl.tools import ToolExecutor
 
 
@@ -193,18 +199,18 @@ def install_probes() -> None:
     _patch(StopStringCriteria, "__init__", simple("stop_init_s"))
     _patch(TreeRollout, "run", simple("engine_s"))
 
-    def fill(original):  # called once per round, after the round's finished trajectories left `live`
-        def wrapper(self, pool, live_per_group, slots, stats):
+    def fill(original):  # the round driver calls it once per round, after the round's results are in
+        def wrapper(self):
             probe = active()
             if probe is not None and not getattr(self, "_bench_tree_done", False):
-                if not any(t is not None and not t.done and t.kind != "fresh" for t in slots):
+                if not any(t is not None and not t.done and t.kind != "fresh" for t in self.slots):
                     self._bench_tree_done = True
-                    probe.current.tree_rounds += stats.rounds
-            return original(self, pool, live_per_group, slots, stats)
+                    probe.current.tree_rounds += self.stats.rounds
+            return original(self)
 
         return wrapper
 
-    _patch(TreeRollout, "_fill", fill)
+    _patch(RolloutTree, "fill", fill)
 
     def executor_run(original):
         def wrapper(self, calls):
