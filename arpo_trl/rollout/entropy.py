@@ -13,10 +13,14 @@ tokens sampled after tool result t). A window of token entropies becomes one num
 
 ΔH_t = H(window_t) − H(window_initial) (Eq. 4). The entropies here are exact over the whole vocabulary by default,
 computed at the sampling temperature on the model's output logits (after its own logit scaling or soft-capping,
-`output_logit_transform`). ``estimator="top_k"`` is the official code's truncated estimate instead: Σ −p·ln p over
-the 10 most likely tokens and the sampled one (`truncated_entropy`; docs/reproduction.md). They are the model's distribution, as
-in the paper's Eq. 3 and TRL's training entropy: top-k, top-p, min-p and repetition-penalty processing, which
-shape what the sampler draws from, do not enter them.
+`output_logit_transform`). They are the model's distribution, as in the paper's Eq. 3 and TRL's training
+entropy: top-k, top-p, min-p and repetition-penalty processing, which shape what the sampler draws from, do not
+enter them.
+
+``estimator="top_k"`` is the official code's truncated estimate instead: Σ −p·ln p over the 10 most likely tokens
+and the sampled one (`truncated_entropy`; docs/reproduction.md). Under a top-p or top-k sampling filter the two
+backends' estimates differ: vLLM's logprobs are renormalised over the kept tokens, the transformers hook reads the
+model's distribution at T. Without a filter they agree.
 """
 
 from __future__ import annotations
