@@ -3,8 +3,10 @@ CPU build), its logprobs and top-10 estimate against a transformers recompute, a
 that pushes its weights to the server after each step (the same-host ``shared_file`` transport; NCCL needs CUDA).
 """
 
+import contextlib
 import math
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -35,7 +37,8 @@ def server(model_dir, tmp_path_factory):
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", HF_HUB_OFFLINE="1")
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        # Its own process group: the server's engine processes are killed with it, whatever happens.
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while True:  # until /health answers, the process dies or 5 minutes pass
@@ -44,15 +47,23 @@ def server(model_dir, tmp_path_factory):
             break
         except ConnectionError:
             if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
+                stop(process)
                 raise RuntimeError(f"the vLLM server did not start:\n{log.read_text()[-4000:]}") from None
             time.sleep(2)
     yield url
-    process.terminate()
+    stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (it shuts its engine down), SIGKILL after 60 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        process.kill()
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # whatever of the group is left
 
 
 def test_server_streams_logprobs_and_the_top_k_estimate_of_the_served_model(server, tokenizer, hf_model):
