@@ -111,18 +111,22 @@ class VLLMServerEngine:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="arpo-vllm-server-loop", daemon=True)
         self._thread.start()
-        # No read timeout: a long generation streams for as long as it takes; connecting is bounded.
-        self._client = self.run(self._make_client(httpx))
-        self._wait_for_server(connection_timeout)
-        models = self.run(self._get("/v1/models"))["data"][0]
-        self.model: str = models["id"]
-        self.max_model_len: int | None = models.get("max_model_len")
         self._nccl: Any = None
-        if weight_sync == "nccl":
-            from trl.generation.vllm_client import VLLMClient
+        try:
+            # No read timeout: a long generation streams for as long as it takes; connecting is bounded.
+            self._client = self.run(self._make_client(httpx))
+            self._wait_for_server(connection_timeout)
+            models = self.run(self._get("/v1/models"))["data"][0]
+            self.model: str = models["id"]
+            self.max_model_len: int | None = models.get("max_model_len")
+            if weight_sync == "nccl":
+                from trl.generation.vllm_client import VLLMClient
 
-            self._nccl = VLLMClient(base_url=self.base_url, group_port=group_port, connection_timeout=0.0)
-            self._nccl.init_communicator(device=device if device is not None else 0)
+                self._nccl = VLLMClient(base_url=self.base_url, group_port=group_port, connection_timeout=0.0)
+                self._nccl.init_communicator(device=device if device is not None else 0)
+        except BaseException:
+            self.shutdown()  # no loop thread or connection left behind by a failed start
+            raise
 
     @staticmethod
     async def _make_client(httpx: Any) -> Any:
@@ -267,8 +271,10 @@ class VLLMServerEngine:
         if self._nccl is not None:
             with contextlib.suppress(Exception):
                 self._nccl.close_communicator()
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result(timeout=10)
+        client = getattr(self, "_client", None)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(client.aclose(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         if not self._thread.is_alive():

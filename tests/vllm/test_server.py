@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -91,9 +92,12 @@ def test_server_streams_logprobs_and_the_top_k_estimate_of_the_served_model(serv
         engine.shutdown()
 
 
-def test_a_missing_server_is_named_in_the_error():
-    with pytest.raises(ConnectionError, match=r"no vLLM server answers at http://127\.0\.0\.1:\d+/health"):
-        VLLMServerEngine(f"http://127.0.0.1:{free_port()}", connection_timeout=0)
+def test_a_missing_server_is_named_in_the_error_and_leaves_no_thread():
+    threads = threading.active_count()
+    for _ in range(3):  # what a caller waiting for a starting server does
+        with pytest.raises(ConnectionError, match=r"no vLLM server answers at http://127\.0\.0\.1:\d+/health"):
+            VLLMServerEngine(f"http://127.0.0.1:{free_port()}", connection_timeout=0)
+    assert threading.active_count() == threads  # each failed start stopped its event-loop thread
 
 
 def test_weights_reach_a_server_on_another_host_only_over_nccl():
