@@ -76,29 +76,14 @@ def plot_learning_curve(
     ax_r.axhline(0, color="grey", lw=0.6)
     ax_r.legend(fontsize=8, loc="lower right")
 
-    for key, label, color in (
+    _count_panel(ax_t, history, "tool use (shared prefixes run their calls once)", (
         ("tools/calls_per_completion", "tool calls / completion", "#9467bd"),
         ("tools/executions_per_completion", "unique executions / completion", "#8c564b"),
-    ):
-        s, v = step_series(history, key)
-        if s:
-            ax_t.plot(s, v, "o-", color=color, ms=3.5, label=label)
-    ax_t.set_title("tool use (shared prefixes run their calls once)")
-    ax_t.set_xlabel("step")
-    ax_t.set_ylim(bottom=0)
-    ax_t.legend(fontsize=8)
-
-    for key, label, color in (
+    ))  # fmt: skip
+    _count_panel(ax_b, history, "ARPO's tree: what filled the M − N free slots", (
         ("arpo/branches_per_group", "branches / group", "#ff7f0e"),
         ("arpo/fresh_rollouts_per_group", "fresh rollouts / group", "#7f7f7f"),
-    ):
-        s, v = step_series(history, key)
-        if s:
-            ax_b.plot(s, v, "o-", color=color, ms=3.5, label=label)
-    ax_b.set_title("ARPO's tree: what filled the M − N free slots")
-    ax_b.set_xlabel("step")
-    ax_b.set_ylim(bottom=0)
-    ax_b.legend(fontsize=8)
+    ))  # fmt: skip
     from matplotlib.ticker import MaxNLocator
 
     for ax in (ax_r, ax_t, ax_b):
@@ -114,3 +99,17 @@ def plot_learning_curve(
 
 def _nan(x: Any) -> bool:
     return isinstance(x, float) and math.isnan(x)
+
+
+def _count_panel(
+    ax: Any, history: Sequence[Mapping[str, Any]], title: str, series: tuple[tuple[str, str, str], ...]
+) -> None:
+    """One panel of per-step counts (from 0): each (metric key, label, colour) that was logged, as a line."""
+    for key, label, color in series:
+        s, v = step_series(history, key)
+        if s:
+            ax.plot(s, v, "o-", color=color, ms=3.5, label=label)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
