@@ -73,10 +73,11 @@ bench: install
 # Mutation testing (tests/README.md, "Mutation testing"): mutmut over the model-free rollout core and the advantages
 # ([mutmut] in setup.cfg), each mutant against only the fast tests that reach it; not part of `make test` or CI.
 # Niced (it takes the cores for a while); `make mutate MUTANTS="arpo_trl.advantages*"` runs a subset, and the results
-# are kept in mutants/ (`mutmut results`, `mutmut show NAME`). MUTATE_JOBS: parallel mutants.
+# are kept in mutants/ (`mutmut results`, `mutmut show NAME`). MUTATE_JOBS: parallel mutants. One OpenMP thread per
+# mutant: mutmut's limit counts CPU seconds, which spinning OpenMP threads burn without progress.
 .PHONY: mutate
 MUTANTS ?=
 MUTATE_JOBS ?= 2
 mutate: install
-	nice -n 19 $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
+	OMP_NUM_THREADS=1 nice -n 19 $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
 	$(VENV)/bin/mutmut results

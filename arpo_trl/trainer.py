@@ -283,6 +283,9 @@ class ARPOTrainer(GRPOTrainer):
         if not on_cpu and a.vllm_kv_cache_gib is None:
             engine_kwargs["gpu_memory_utilization"] = a.vllm_gpu_memory_utilization
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        mismatch = autocast_mismatch(dtype, self.accelerator.mixed_precision)
+        if mismatch:
+            warnings.warn(mismatch, stacklevel=3)
         try:
             return VLLMEngine(
                 self._vllm_dir,
@@ -595,3 +598,18 @@ class ARPOTrainer(GRPOTrainer):
             valid = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).long()
             output["advantages"] = hard_attribution(ids, valid, output["advantages"], self.num_generations)
         return output
+
+
+def autocast_mismatch(weights_dtype: str, mixed_precision: str) -> str | None:
+    """Why TRL's importance-sampling ratios will be off when the trainer computes its logprobs under autocast
+    while the engine samples with the weights' own (wider) dtype; None when they compute alike."""
+    autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(str(mixed_precision))
+    if autocast is None or weights_dtype != "float32":
+        return None
+    return (
+        f"use_vllm with {mixed_precision} mixed precision and float32 weights: the engine samples in float32, but "
+        f"the trainer computes its logprobs under {autocast} autocast, so TRL's importance-sampling ratios measure "
+        f"{autocast} rounding (per-sequence ratios of 0.7-1.4 on SmolLM2-135M, and sequence_mask drops those above "
+        f"vllm_importance_sampling_clip_max) rather than the sampler's staleness. Set bf16=False (on CPU float32 is "
+        f"also the faster choice), or load the model in {autocast} so both sides compute in it."
+    )
