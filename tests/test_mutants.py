@@ -13,7 +13,14 @@ from test_async_engine import ScriptedEngine, settings
 from arpo_trl.advantages import hard_attribution
 from arpo_trl.rollout.async_engine import AsyncTreeRollout
 from arpo_trl.rollout.branching import BranchPolicy
-from arpo_trl.rollout.entropy import truncated_entropy
+from arpo_trl.rollout.entropy import (
+    EntropyRecorder,
+    output_logit_transform,
+    token_entropy,
+    truncated_entropy,
+    truncated_token_entropy,
+    window_entropy,
+)
 from arpo_trl.rollout.environments import NOT_TOOLS, check_forkable, environment_tools, fork_environment
 from arpo_trl.rollout.protocols import TagProtocol
 from arpo_trl.rollout.rollout_tree import RolloutSettings, RolloutTree
@@ -533,3 +540,173 @@ def test_without_a_declared_minimum_a_one_token_result_may_still_fit(room, admit
         assert tree.admit(root, [ToolCall("calc", "1")]) is admitted
     finally:
         Protocol.min_result_tokens = 1
+
+
+# ---------------------------------------------------------------------------------------------- entropy.py
+
+
+def _entropy_by_definition(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    return -(p * torch.log(p.clamp_min(1e-300))).sum(-1).float()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_token_entropy_divides_by_any_temperature(temperature):
+    logits = torch.randn(3, 50) * 3
+    torch.testing.assert_close(token_entropy(logits, temperature), _entropy_by_definition(logits, temperature))
+
+
+def test_token_entropy_is_stable_for_large_logits_and_rows_of_different_scales():
+    """Each row is shifted by its own maximum: logits of ±1e3 (past exp's float32 range) and a batch mixing such a
+    row with an ordinary one both give the exact entropies."""
+    big = torch.tensor([[1000.0, 1000.0, 0.0, -1000.0]])
+    assert token_entropy(big).item() == pytest.approx(math.log(2), abs=1e-6)
+    mixed = torch.stack([torch.tensor([2000.0, 2000.0, 1999.0, 0.0]), torch.tensor([0.0, 0.5, 1.0, 1.5])])
+    torch.testing.assert_close(token_entropy(mixed), _entropy_by_definition(mixed))
+
+
+def test_truncated_token_entropy_skips_masked_tokens_and_judges_each_row_apart():
+    """A vocabulary smaller than k (or masked tokens) leaves -inf among the top k: those terms are 0, not NaN or
+    1; whether the sampled token is counted again is decided per row."""
+    logprobs = torch.log_softmax(torch.tensor([[2.0, 1.0, float("-inf")]]), dim=-1)
+    p = logprobs.exp()[0, :2]
+    expected = -(p * p.log()).sum()
+    got = truncated_token_entropy(logprobs, torch.tensor([0]), k=3)
+    torch.testing.assert_close(got, expected.view(1))
+    # Row 0 samples a top-2 token, row 1 a token outside its top 2: only row 1 adds the sampled token's term.
+    rows = torch.log_softmax(torch.tensor([[3.0, 2.0, 1.0, 0.0], [3.0, 2.0, 1.0, 0.0]]), dim=-1)
+    got = truncated_token_entropy(rows, torch.tensor([1, 3]), k=2)
+    q = rows.exp()
+    top2 = -(q[0, :2] * rows[0, :2]).sum()
+    torch.testing.assert_close(got, torch.stack([top2, top2 - q[1, 3] * rows[1, 3]]))
+
+
+def test_window_entropy_names_what_is_wrong():
+    with pytest.raises(ValueError, match="^cannot measure the entropy of an empty window$"):
+        window_entropy([], 3, "mean", 100)
+    with pytest.raises(ValueError, match="^unknown entropy normalization 'max'$"):
+        window_entropy([1.0], 3, "max", 100)
+
+
+@pytest.mark.parametrize(
+    "model_type, fields, expected",
+    [
+        ("falcon_h1", {"lm_head_multiplier": 0.5}, 0.5),  # FalconH1ForCausalLM multiplies by it
+        ("muse_glimmer", {"text_config": {"output_multiplier": 0.25}}, 0.25),  # multiplies before its soft-cap
+        ("hyperclovax", {"logits_scaling": 4.0}, 4.0),  # multiplies (Granite divides)
+        ("granite", {"logits_scaling": 4.0}, 0.25),
+    ],
+)
+def test_output_logit_transform_reads_each_familys_real_config(model_type, fields, expected):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, **fields).get_text_config()
+    assert output_logit_transform(config)[0] == pytest.approx(expected)
+
+
+def test_an_attached_recorder_leaves_unarmed_forwards_alone(tokenizer):
+    """Training forwards run through the hooked LM head: disarmed, the recorder records and raises nothing."""
+    from arpo_trl.testing import build_tiny_model
+
+    model = build_tiny_model(tokenizer).eval()
+    recorder = EntropyRecorder(1.0, estimator="top_k")
+    recorder.attach(model)
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]))
+    assert recorder.disarm() is None
+
+
+def test_recorder_applies_a_logit_scale_of_two():
+    logits = torch.randn(2, 1, 30)
+    recorder = EntropyRecorder(1.0, logit_scale=2.0)
+    recorder.arm()
+    recorder(None, (), logits)
+    torch.testing.assert_close(recorder.disarm()[:, 0], token_entropy(2.0 * logits[:, -1]))
+
+
+def test_top_k_recorder_tolerates_ids_that_stop_at_the_resolved_steps():
+    """`disarm(new_ids)` resolves the last step from the generated ids only when they reach past the steps already
+    resolved; ids that stop there (a caller that trimmed them) leave that step out instead of raising."""
+    logits = torch.randn(1, 1, 30)
+    recorder = EntropyRecorder(1.0, estimator="top_k")
+    recorder.arm()
+    for token in (4, 7):
+        recorder(None, (), logits)
+        recorder.see_inputs(None, (torch.tensor([[token]]),))
+    recorder(None, (), logits)  # step 3: its token is only in the generated ids
+    lp = torch.log_softmax(logits[:, -1], dim=-1)
+    two = recorder.disarm(torch.tensor([[4, 7]]))
+    torch.testing.assert_close(two[0], torch.cat([truncated_token_entropy(lp, torch.tensor([t])) for t in (4, 7)]))
+
+
+# ---------------------------------------------------------------------------------------------- branching.py
+
+
+def test_threshold_rule_defaults_to_one_half_and_unknown_rules_are_named():
+    policy = BranchPolicy(0.3, 0.2, rule="threshold")
+    assert policy.decide(1.1).fork and not policy.decide(0.9).fork  # α + β·ΔH = 0.52 and 0.48 against 0.5
+    with pytest.raises(ValueError, match="^unknown branch rule 'coin'$"):
+        BranchPolicy(0.3, 0.2, rule="coin")
+
+
+# ---------------------------------------------------------------------------------------------- engine.py (rounds)
+
+
+def _round_driver(tok, m, n, alpha=0.0, toolset=None, generator=None, **kw):
+    from test_engine import ScriptedGenerator
+
+    from arpo_trl.rollout.engine import TreeRollout
+
+    s = RolloutSettings(group_size=m, initial_rollouts=n, branch_factor=1, entropy_window=4, max_completion_length=200,
+                        **kw)  # fmt: skip
+    return TreeRollout(
+        s, generator or ScriptedGenerator(tok, calls=2), TagProtocol(tok, ["calc"]),
+        ToolExecutor([calc], timeout=5), BranchPolicy(alpha, 0.0, seed=0), len(tok), tok.eos_token_id,
+        toolset=toolset,
+    )  # fmt: skip
+
+
+def test_the_round_driver_runs_each_trajectorys_calls_on_its_own_environment(tokenizer):
+    """Three trajectories call in the same rounds: each gets the results of its own environment's calls (the
+    round's calls run as one batch, and its results are handed back in order)."""
+    envs = [Counter("a"), Counter("b"), Counter("c")]
+    seen = []
+
+    def toolset(traj):
+        seen.append(traj.slot)
+        return environment_tools(traj.env, [])
+
+    driver = _round_driver(tokenizer, m=3, n=3, toolset=toolset)
+    trajs, _ = driver.run([tokenizer.encode("Add 1 and 2.")] * 3, environments=envs)
+    for t, name in zip(trajs, "abc", strict=True):
+        assert t.env is envs[t.slot]
+        text = tokenizer.decode(t.completion_ids)
+        assert f"<result>\n{name}0\n</result>" in text and f"<result>\n{name}1\n</result>" in text
+    assert sorted(seen) == [0, 0, 1, 1, 2, 2] and [e.count for e in envs] == [2, 2, 2]
+
+
+def test_speculative_forks_are_sampled_without_measuring_their_entropy(tokenizer):
+    """A speculative copy's window is never read (it is its parent's next segment, decided on the parent's):
+    its row asks the generator for no entropy."""
+    from test_engine import ScriptedGenerator
+
+    gen = ScriptedGenerator(tokenizer, calls=2)
+    _round_driver(tokenizer, m=2, n=1, alpha=1.0, generator=gen, speculative_forks=True).run(
+        [tokenizer.encode("Add 1 and 2.")] * 2
+    )
+    assert gen.call_log[:2] == [1, 2]  # round 2: the root after its first result, and its speculative copy
+    assert gen.need_log[1] == [True, False]
+
+
+def test_groups_do_not_slow_each_other_down(tokenizer):
+    """Identical groups take as many rounds together as one alone, also when a branch evicts a speculative fresh
+    rollout of the first group while the second group's rows wait later in the same round."""
+    from test_engine import ScriptedGenerator, rollout
+
+    rounds = []
+    for groups in (1, 2):
+        gen = ScriptedGenerator(tokenizer, calls=2)
+        _, stats = rollout(tokenizer, m=8, n=2, alpha=1.0, fill="speculative", generator=gen, groups=groups)
+        assert stats.discarded == groups * 6
+        rounds.append(len(gen.call_log))
+    assert rounds[0] == rounds[1]

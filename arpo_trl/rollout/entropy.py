@@ -156,9 +156,8 @@ class EntropyRecorder:
             self._resolve(self._fed)
         if self.max_steps is not None and len(self._steps) >= self.max_steps:
             return
-        logits = output[0] if isinstance(output, tuple) else output
-        rows = logits.shape[0]
-        last = logits[:, -1, :].detach()
+        rows = output.shape[0]
+        last = output[:, -1, :].detach()
         if self.logit_scale != 1.0 or self.softcap:
             last = last.float() * self.logit_scale
             if self.softcap:
