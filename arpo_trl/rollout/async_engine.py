@@ -123,7 +123,6 @@ class AsyncTreeRollout:
                 tasks.difference_update(done)
                 for task in done:
                     task.result()  # a driver bug surfaces here, not as a silent hang
-                launch(tree.fill())
         finally:
             for task in tasks:
                 task.cancel()
@@ -145,7 +144,9 @@ class AsyncTreeRollout:
             if calls and tree.admit(traj, calls):
                 results = await self._run_tools(traj, calls, pool)
                 launch(tree.apply_results(traj, calls, results, window))
-            launch(tree.fill())  # the tree may no longer be able to use its free slots
+            # Only this trajectory changed (finished, or can no longer branch): its group's tree may no longer be
+            # able to use its free slots. The other groups are filled when their own trajectories change.
+            launch(tree.fill([traj.group]))
 
     async def _run_tools(self, traj: Trajectory, calls: list[ToolCall], pool: ThreadPoolExecutor):
         toolsets = [self.toolset(traj)] * len(calls) if self.toolset else None
@@ -172,9 +173,10 @@ class AsyncTreeRollout:
         cached = 0
         decided = not traj.awaiting_entropy
         window: float | None = None
+        prefix = tree.prefix(traj)
         stream = self.engine.stream(
             request_id,
-            tree.prefix(traj),
+            prefix,
             tree.room(traj),
             self.stop,
             entropy_tokens=measured if exact else 0,
@@ -198,10 +200,10 @@ class AsyncTreeRollout:
                 window = tree.window(await self._entropies(request_id, exact, estimates, len(ids)))
                 launch(tree.decide(traj, window))
                 decided = True
-        self.prompt_tokens += len(tree.prefix(traj))
+        self.prompt_tokens += len(prefix)
         self.cached_tokens += cached
         if traj.kind == BRANCH and traj.fork_position == len(traj.completion_ids):
-            self.fork_prefills.append((len(tree.prefix(traj)), cached))
+            self.fork_prefills.append((len(prefix), cached))
         if finish == "abort":
             raise RuntimeError(f"vLLM aborted request {request_id} (engine shut down?)")
         entropies = [math.nan] * len(ids)

@@ -31,7 +31,7 @@ Every group ends with exactly M finished trajectories, in slot order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -344,18 +344,20 @@ class RolloutTree:
         return True
 
     # ------------------------------------------------------------------ filling and finishing
-    def fill(self) -> list[Trajectory]:
+    def fill(self, groups: Iterable[int] | None = None) -> list[Trajectory]:
         """Fresh rollouts for groups whose tree can no longer use its free slots (no live trajectory can branch):
-        all at once (`fresh`), or one branchable root at a time while the group has nothing live (`sequential`)."""
+        all at once (`fresh`), or one branchable root at a time while the group has nothing live (`sequential`).
+        `groups`: only those (the asynchronous driver asks for the group whose trajectory just changed); None: all.
+        Each group costs its own M slots, whatever the batch size."""
         fill = self.s.rollout_fill
         if fill not in ("fresh", "sequential"):
             return []
         started: list[Trajectory] = []
-        live = self.live()
-        for g in range(self.num_groups):
+        m = self.s.group_size
+        for g in range(self.num_groups) if groups is None else groups:
             if not self.pool.free(g):
                 continue
-            mine = [t for t in live if t.group == g]
+            mine = [t for t in self.slots[g * m : (g + 1) * m] if t is not None and not t.done]
             if fill == "sequential":
                 if mine:
                     continue

@@ -35,6 +35,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from .loop_thread import LoopThread
+
 T = TypeVar("T")
 
 INSTALL_HINT = (
@@ -253,9 +255,7 @@ class VLLMEngine:
         self._slots: dict[str, _EntropySlot] = {}
         self._scratch = _scratch_dir()
         self._tables = _EntropyTables(self._scratch)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="arpo-vllm-loop", daemon=True)
-        self._thread.start()
+        self._loop_thread = LoopThread("arpo-vllm-loop", "VLLMEngine")
         self._engine = None
         atexit.register(self.shutdown)
 
@@ -323,13 +323,7 @@ class VLLMEngine:
     # ------------------------------------------------------------------ the loop
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` on the engine's loop and return its result (blocks the calling thread)."""
-        if threading.current_thread() is self._thread:
-            coro.close()
-            raise RuntimeError("VLLMEngine.run() called from the engine's own loop: await the coroutine instead")
-        if self._loop.is_closed():
-            coro.close()
-            raise RuntimeError("the engine is shut down")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        return self._loop_thread.run(coro)
 
     # ------------------------------------------------------------------ generation
     async def stream(
@@ -445,7 +439,7 @@ class VLLMEngine:
     # ------------------------------------------------------------------ shutdown
     def shutdown(self) -> None:
         """Stop the engine, its processes and the loop thread; idempotent (also runs at exit)."""
-        if threading.current_thread() is self._thread:
+        if self._loop_thread.in_loop():
             raise RuntimeError("VLLMEngine.shutdown() called from the engine's own loop: call it from another thread")
         with self._close_lock:
             if self._closed:
@@ -454,15 +448,11 @@ class VLLMEngine:
         atexit.unregister(self.shutdown)
         engine, self._engine = self._engine, None
         try:
-            if self._loop.is_running():
+            if self._loop_thread.running:
                 with contextlib.suppress(Exception):
                     self.run(_shutdown(engine))
         finally:
-            if self._loop.is_running():
-                self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=30)
-            if not self._thread.is_alive():
-                self._loop.close()
+            self._loop_thread.stop(join_timeout=30)
             self._slots.clear()
             self._tables.close()
 

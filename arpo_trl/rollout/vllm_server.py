@@ -21,12 +21,10 @@ What differs from colocate:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from typing import Any, TypeVar
@@ -34,6 +32,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from .loop_thread import LoopThread
 from .vllm_engine import StreamUpdate
 
 T = TypeVar("T")
@@ -108,9 +107,7 @@ class VLLMServerEngine:
             )
         self.weight_sync = weight_sync
         self._closed = False
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="arpo-vllm-server-loop", daemon=True)
-        self._thread.start()
+        self._loop_thread = LoopThread("arpo-vllm-server-loop", "VLLMServerEngine")
         self._nccl: Any = None
         try:
             # No read timeout: a long generation streams for as long as it takes; connecting is bounded.
@@ -135,10 +132,7 @@ class VLLMServerEngine:
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` on the engine's own event loop, from any other thread, and return its result."""
-        if self._closed and self._loop.is_closed():
-            coro.close()
-            raise RuntimeError("the server engine is shut down")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        return self._loop_thread.run(coro)
 
     async def _get(self, path: str) -> Any:
         response = await self._client.get(self.base_url + path)
@@ -274,11 +268,8 @@ class VLLMServerEngine:
         client = getattr(self, "_client", None)
         if client is not None:
             with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(client.aclose(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        if not self._thread.is_alive():
-            self._loop.close()
+                self._loop_thread.run(client.aclose(), timeout=10)
+        self._loop_thread.stop(join_timeout=10)
 
 
 def _token_id(key: str) -> int:

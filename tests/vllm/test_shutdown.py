@@ -55,7 +55,7 @@ def test_shutdown_leaves_no_process_thread_or_file(engine, tokenizer):
     engine.shutdown()  # idempotent
     gone, alive = psutil.wait_procs(_children(), timeout=10)
     assert not alive, [p.cmdline() for p in alive]
-    assert not engine._thread.is_alive()
+    assert not engine._loop_thread.thread.is_alive()
     assert not any(os.path.exists(t) for t in tables)
     with pytest.raises(RuntimeError):
         engine.run(engine.entropies([]))
