@@ -25,6 +25,7 @@ import importlib.util
 import itertools
 import mmap
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -199,6 +200,24 @@ def _environ(**values: str | None) -> Iterator[None]:
                 os.environ[key] = value
 
 
+@contextlib.contextmanager
+def _main_not_reimported() -> Iterator[None]:
+    """While vLLM spawns its engine process: hide the script's path and module name, so that the child does not
+    run the script again. `spawn` re-imports `__main__` in the child; a script that builds its trainer at top level
+    (most TRL scripts: TRL's own colocated engine spawns nothing) would then start a second engine from inside the
+    child and fail with multiprocessing's "bootstrapping phase" error. The child needs nothing from the script:
+    it runs vLLM's engine from vLLM's own modules."""
+    main = sys.modules.get("__main__")
+    saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if main is not None and key in main.__dict__}
+    try:
+        for key in saved:
+            setattr(main, key, None)
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(main, key, value)
+
+
 def _scratch_dir() -> str:
     """Shared memory when the system has it (the worker maps these files), else the temp directory."""
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
@@ -288,7 +307,7 @@ class VLLMEngine:
         if cpu_bind is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
         try:
-            with _environ(**env):
+            with _environ(**env), _main_not_reimported():
                 self._engine = self.run(self._start(args))
         except BaseException:
             self.shutdown()
