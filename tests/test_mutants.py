@@ -604,12 +604,13 @@ def test_output_logit_transform_reads_each_familys_real_config(model_type, field
     assert output_logit_transform(config)[0] == pytest.approx(expected)
 
 
-def test_an_attached_recorder_leaves_unarmed_forwards_alone(tokenizer):
+@pytest.mark.parametrize("estimator", ["exact", "top_k"])
+def test_an_attached_recorder_leaves_unarmed_forwards_alone(tokenizer, estimator):
     """Training forwards run through the hooked LM head: disarmed, the recorder records and raises nothing."""
     from arpo_trl.testing import build_tiny_model
 
     model = build_tiny_model(tokenizer).eval()
-    recorder = EntropyRecorder(1.0, estimator="top_k")
+    recorder = EntropyRecorder(1.0, estimator=estimator)
     recorder.attach(model)
     with torch.no_grad():
         model(torch.tensor([[5, 6, 7]]))
