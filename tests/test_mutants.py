@@ -23,7 +23,7 @@ from arpo_trl.rollout.entropy import (
 )
 from arpo_trl.rollout.environments import NOT_TOOLS, check_forkable, environment_tools, fork_environment
 from arpo_trl.rollout.protocols import TagProtocol
-from arpo_trl.rollout.rollout_tree import RolloutSettings, RolloutTree
+from arpo_trl.rollout.rollout_tree import RolloutSettings, RolloutTree, Segment
 from arpo_trl.rollout.tree import DUPLICATE, SlotPool, ToolEvent, Trajectory
 from arpo_trl.testing import calc
 from arpo_trl.tools import ToolCall, ToolExecutor, ToolResult
@@ -711,3 +711,129 @@ def test_groups_do_not_slow_each_other_down(tokenizer):
         assert stats.discarded == groups * 6
         rounds.append(len(gen.call_log))
     assert rounds[0] == rounds[1]
+
+
+# ---------------------------------------------------------------------------------------------- rollout_tree.py: 2
+
+
+class NoCalls(Protocol):
+    def calls(self, traj, segment):
+        return []
+
+
+def plain_tree(prompts, m, n=1, protocol=None, frozen=None, **kw):
+    values = dict(group_size=m, initial_rollouts=n, entropy_window=2, entropy_normalization="mean")
+    values.update(kw)
+    return RolloutTree(RolloutSettings(**values), prompts, protocol or NoCalls(), BranchPolicy(1.0, 0.0, seed=0), 10,
+                       EOS, frozen_initial=frozen)  # fmt: skip
+
+
+def test_the_tree_names_a_batch_that_is_not_groups_of_one_prompt():
+    with pytest.raises(ValueError, match=r"^5 prompts cannot form groups of M=4$"):
+        plain_tree([[7]] * 5, m=4)
+    tree = plain_tree([[7]] * 4 + [[8, 9]] * 4, m=4)  # each group its own prompt
+    assert tree.prompts == [[7], [8, 9]] and (tree.stats.groups, tree.stats.completions) == (2, 8)
+    expected = (
+        "rows 4..7 should be one prompt repeated M=4 times (TRL's RepeatSampler); ARPO forks branches inside a group, "
+        "so each group must hold a single prompt (with environment_factory: `reset` must return the same observation "
+        "for the M rows of a prompt)"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        plain_tree([[7]] * 4 + [[8], [8], [9], [8]], m=4)
+
+
+def test_the_context_guard_refuses_a_prompt_one_token_short_of_the_context_and_room_stops_one_below_it():
+    """Prompt + completion stay below the model's context (TRL keeps the last position for the next token)."""
+    message = "a prompt of 9 tokens leaves no room for a completion within the model's context of 10 tokens; "
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}shorten the prompts$"):
+        plain_tree([[1] * 9] * 2, m=2, max_model_len=10)
+    tree = plain_tree([[1] * 8] * 2, m=2, max_model_len=10, max_completion_length=50)
+    (root,) = tree.start()
+    assert tree.room(root) == 1  # 10 - 1 - 8
+    root.extend([3], sampled=True)
+    assert tree.room(root) == 0
+
+
+@pytest.mark.parametrize(
+    "finish, ids, room_left, reason",
+    [("eos", [3, EOS], 5, "eos"), ("length", [3], 5, "length"), ("stop", [3], 1, "stop"), ("stop", [3], 0, "length")],
+)
+def test_absorb_records_why_a_segment_without_calls_ended(finish, ids, room_left, reason):
+    tree = plain_tree([[7]] * 2, m=2, max_completion_length=len(ids) + room_left)
+    (root,) = tree.start()
+    assert tree.absorb(root, Segment(ids, [0.5] * len(ids), finish, logprobs=[-0.25] * len(ids))) == []
+    assert root.finish_reason == reason
+    assert root.logprobs == [-0.25] * len(ids)  # the sampler's, carried for TRL's importance sampling
+
+
+def test_needs_entropy_reads_branchability_and_the_frozen_slots():
+    tree = plain_tree([[7]] * 4, m=4, n=2)
+    fresh = Trajectory(slot=3, group=0, kind="fresh", can_branch=False)
+    assert tree.pool.free(0) and not tree.needs_entropy(fresh)  # a fresh rollout never branches: no window read
+    settled = Trajectory(slot=1, group=0, h_initial=1.0)  # H_initial known, no tool result pending
+    assert not tree.needs_entropy(settled)
+    frozen = plain_tree([[7]] * 4, m=4, n=2, frozen={0: 0.5}, initial_entropy="frozen_per_slot")
+    assert frozen.needs_entropy(settled)  # slot 1 has no frozen H yet: its first segment is measured
+    assert not frozen.needs_entropy(Trajectory(slot=0, group=0, h_initial=1.0))  # slot 0's is frozen
+
+
+def test_speculative_fresh_rollouts_start_unbranchable():
+    tree = plain_tree([[7]] * 4, m=4, rollout_fill="speculative")
+    started = tree.start()
+    assert [t.kind for t in started] == ["root", "fresh", "fresh", "fresh"]
+    assert all(t.can_branch is False for t in started[1:])
+
+
+def _two_groups(fill, n=1):
+    tree = plain_tree([[7]] * 2 + [[8]] * 2, m=2, n=n, rollout_fill=fill)
+    return tree, tree.start()
+
+
+def test_fill_reaches_every_group_whatever_the_groups_before_it():
+    tree, (root0, root1) = _two_groups("fresh")
+    tree.pool.take(0, 1)  # group 0's last slot went to a branch: full
+    root1.finish_reason = "eos"  # group 1's tree can no longer branch
+    assert [(t.slot, t.group, t.can_branch) for t in tree.fill()] == [(3, 1, False)]
+    tree, (root0, root1) = _two_groups("sequential")
+    root1.finish_reason = "eos"  # group 0 still has a live trajectory, group 1 none
+    assert [(t.slot, t.group, t.can_branch) for t in tree.fill()] == [(3, 1, True)]
+    tree = plain_tree([[7]] * 4, m=4, rollout_fill="sequential", branching=False)
+    (root,) = tree.start()
+    root.finish_reason = "eos"
+    assert [t.can_branch for t in tree.fill()] == [False]  # without branching, no fresh rollout is branchable
+
+
+def _finished(traj, ids):
+    traj.extend(ids, sampled=True)
+    traj.finish_reason = "eos"
+    return traj
+
+
+@pytest.mark.parametrize("full_group", [0, 1])
+def test_duplicate_fill_copies_each_groups_own_last_trajectory(full_group):
+    tree, roots = _two_groups("duplicate")
+    for g, root in enumerate(roots):
+        _finished(root, [4 + g, EOS])
+    full = roots[full_group]
+    (slot,) = tree.pool.take(full_group, 1)
+    tree.slots[slot] = _finished(full.fork(slot), [6])
+    done = tree.finish()
+    assert [t.slot for t in done] == [0, 1, 2, 3]
+    other = 1 - full_group
+    copy = done[2 * other + 1]
+    assert copy.kind == DUPLICATE and copy.group == other and copy.completion_ids == roots[other].completion_ids
+
+
+def test_finish_names_a_rollout_that_left_slots_unfinished():
+    tree = plain_tree([[7]] * 2, m=2, n=2)
+    first, _ = tree.start()
+    first.finish_reason = "eos"
+    with pytest.raises(RuntimeError, match=r"^rollout ended with 1 of 2 slots finished$"):
+        tree.finish()
+
+
+def test_extend_marks_missing_logprobs_nan_for_sampled_tokens_and_zero_for_environment_tokens():
+    traj = Trajectory(slot=0, group=0)
+    traj.extend([1, 2], sampled=True)
+    traj.extend([3], sampled=False)
+    assert [math.isnan(x) for x in traj.logprobs[:2]] == [True, True] and traj.logprobs[2] == 0.0

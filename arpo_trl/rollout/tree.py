@@ -123,7 +123,6 @@ class SlotPool:
     """
 
     def __init__(self, num_groups: int, group_size: int, initial: int) -> None:
-        self.group_size = group_size
         self._free = [deque(range(g * group_size + initial, (g + 1) * group_size)) for g in range(num_groups)]
         self._lent: list[list[int]] = [[] for _ in range(num_groups)]
 
