@@ -32,11 +32,11 @@ from typing import Any
 from ..tools import ToolCall, ToolExecutor
 from .branching import BranchPolicy
 from .entropy import TOP_K_CANDIDATES, truncated_entropy
-from .rollout_tree import RolloutSettings, RolloutStats, RolloutTree, Segment, ToolProtocol
+from .rollout_tree import RolloutSettings, RolloutStats, RolloutTree, Segment, ToolProtocol, TreeDriver
 from .tree import BRANCH, Trajectory
 
 
-class AsyncTreeRollout:
+class AsyncTreeRollout(TreeDriver):
     """Runs ARPO's rollout for a batch of groups on a `VLLMEngine`; see the module docstring."""
 
     _batches = itertools.count()
@@ -63,17 +63,10 @@ class AsyncTreeRollout:
                 "speculative_forks is for the round driver; the asynchronous driver forks as soon as the k tokens "
                 "after a tool result have streamed in, with no round to wait for"
             )
-        self.s = settings
+        super().__init__(settings, protocol, executor, policy, vocab_size, eos_token_id, toolset, frozen_initial)
         self.engine = engine
-        self.protocol = protocol
-        self.executor = executor
-        self.policy = policy
-        self.vocab_size = vocab_size
-        self.eos_token_id = eos_token_id
         self.stop = stop or None
         self.entropy_estimator = entropy_estimator
-        self.toolset = toolset
-        self.frozen_initial = frozen_initial  # initial_entropy="frozen_per_slot": kept by the caller across batches
         # The entropy analyser reads every sampled token's entropy, not only the k of the windows ARPO decides on.
         self.measure_every_token = measure_every_token
 
@@ -86,16 +79,7 @@ class AsyncTreeRollout:
         `seed`: each request samples from its own stream, seeded by (seed, slot, position), so a segment's tokens do
         not depend on what else the engine is batching. Which decisions claim the last slots still depends on
         timing: unlike the round driver, the trees of two runs may differ."""
-        tree = RolloutTree(
-            self.s,
-            prompt_ids,
-            self.protocol,
-            self.policy,
-            self.vocab_size,
-            self.eos_token_id,
-            environments,
-            self.frozen_initial,
-        )
+        tree = self.new_tree(prompt_ids, environments)
         # Tool calls wait in threads, bounded by the executor's worker count, while the loop keeps streaming.
         pool = ThreadPoolExecutor(max_workers=self.executor.max_workers, thread_name_prefix="arpo-tools")
         try:

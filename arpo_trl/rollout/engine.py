@@ -37,6 +37,7 @@ from .rollout_tree import (
     RolloutTree,
     Segment,
     ToolProtocol,
+    TreeDriver,
 )
 from .tree import Trajectory
 
@@ -59,7 +60,7 @@ def _no_sync(local_active: bool) -> bool:
     return local_active
 
 
-class TreeRollout:
+class TreeRollout(TreeDriver):
     """Runs ARPO's rollout for a batch of groups in synchronous rounds; see the module docstring."""
 
     def __init__(
@@ -75,18 +76,9 @@ class TreeRollout:
         toolset: Callable[[Trajectory], Mapping[str, Any] | None] | None = None,
         frozen_initial: dict[int, float] | None = None,
     ) -> None:
-        self.s = settings
+        super().__init__(settings, protocol, executor, policy, vocab_size, eos_token_id, toolset, frozen_initial)
         self.generate = generator
-        self.protocol = protocol
-        self.executor = executor
-        self.policy = policy
-        self.vocab_size = vocab_size
-        self.eos_token_id = eos_token_id
         self.any_active = any_active
-        # Environments: the tools a trajectory's calls run against (its own environment's methods); None: the
-        # executor's tools.
-        self.toolset = toolset
-        self.frozen_initial = frozen_initial  # initial_entropy="frozen_per_slot": kept by the caller across batches
 
     def run(
         self, prompt_ids: Sequence[list[int]], environments: Sequence[Any] | None = None
@@ -96,16 +88,7 @@ class TreeRollout:
 
         `environments[i]` (TRL's `environment_factory`, reset for row i) is the environment of whatever trajectory
         starts from the prompt in slot i (a root or a fresh rollout); a branch takes a copy of its parent's."""
-        tree = RolloutTree(
-            self.s,
-            prompt_ids,
-            self.protocol,
-            self.policy,
-            self.vocab_size,
-            self.eos_token_id,
-            environments,
-            self.frozen_initial,
-        )
+        tree = self.new_tree(prompt_ids, environments)
         stats = tree.stats
         live = tree.start()
         while self.any_active(bool(live)):

@@ -31,11 +31,11 @@ Every group ends with exactly M finished trajectories, in slot order.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..tools import ToolCall, ToolResult, is_empty_call
+from ..tools import ToolCall, ToolExecutor, ToolResult, is_empty_call
 from .branching import BranchPolicy
 from .entropy import window_entropy
 from .tree import BRANCH, DUPLICATE, FRESH, ROOT, BranchEvent, SlotPool, ToolEvent, Trajectory
@@ -387,7 +387,47 @@ class RolloutTree:
         return finished
 
 
+class TreeDriver:
+    """What both drivers of the tree hold: the round driver (`engine.TreeRollout`) and the asynchronous one
+    (`async_engine.AsyncTreeRollout`). The settings, the parts every batch's `RolloutTree` is built from, the tool
+    executor, and `toolset`: the tools a trajectory's calls run against (its own environment's methods; None: the
+    executor's tools)."""
+
+    def __init__(
+        self,
+        settings: RolloutSettings,
+        protocol: ToolProtocol,
+        executor: ToolExecutor,
+        policy: BranchPolicy,
+        vocab_size: int,
+        eos_token_id: int,
+        toolset: Callable[[Trajectory], Mapping[str, Any] | None] | None = None,
+        frozen_initial: dict[int, float] | None = None,
+    ) -> None:
+        self.s = settings
+        self.protocol = protocol
+        self.executor = executor
+        self.policy = policy
+        self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
+        self.toolset = toolset
+        self.frozen_initial = frozen_initial  # initial_entropy="frozen_per_slot": kept by the caller across batches
+
+    def new_tree(self, prompt_ids: Sequence[list[int]], environments: Sequence[Any] | None) -> RolloutTree:
+        return RolloutTree(
+            self.s,
+            prompt_ids,
+            self.protocol,
+            self.policy,
+            self.vocab_size,
+            self.eos_token_id,
+            environments,
+            self.frozen_initial,
+        )
+
+
 __all__ = [
+    "TreeDriver",
     "BRANCH",
     "DUPLICATE",
     "FRESH",
