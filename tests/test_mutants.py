@@ -1,14 +1,16 @@
 """Tests written for mutants that survived `make mutate` (tests/README.md, "Mutation testing"): each checks a
 behaviour of the model-free rollout core or of the advantages that no other test pinned down."""
 
+import asyncio
 import math
 import re
 import threading
 import time
+import zlib
 
 import pytest
 import torch
-from test_async_engine import ScriptedEngine, settings
+from test_async_engine import ScriptedEngine, scripted_segment, settings
 
 from arpo_trl.advantages import hard_attribution
 from arpo_trl.rollout.async_engine import AsyncTreeRollout
@@ -25,6 +27,7 @@ from arpo_trl.rollout.environments import NOT_TOOLS, check_forkable, environment
 from arpo_trl.rollout.protocols import TagProtocol
 from arpo_trl.rollout.rollout_tree import RolloutSettings, RolloutTree, Segment
 from arpo_trl.rollout.tree import DUPLICATE, SlotPool, ToolEvent, Trajectory
+from arpo_trl.rollout.vllm_engine import StreamUpdate
 from arpo_trl.testing import calc
 from arpo_trl.tools import ToolCall, ToolExecutor, ToolResult
 
@@ -837,3 +840,171 @@ def test_extend_marks_missing_logprobs_nan_for_sampled_tokens_and_zero_for_envir
     traj.extend([1, 2], sampled=True)
     traj.extend([3], sampled=False)
     assert [math.isnan(x) for x in traj.logprobs[:2]] == [True, True] and traj.logprobs[2] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- async_engine.py: 2
+
+
+class Observed(ScriptedEngine):
+    """The script, two tokens per update, each token its own logprob; records every request's arguments, the
+    tokens each stream has delivered when a request arrives, and what is forgotten. `cached(prompt)` is what the
+    engine reports as read from its prefix cache; `finish` replaces the script's last finish reason."""
+
+    def __init__(self, tok, calls, cached=lambda prompt: 0, no_reason=False, delay=0.0):
+        super().__init__(tok, calls, delay)
+        self.cached, self.no_reason = cached, no_reason
+        self.args, self.delivered, self.forgotten, self.arrivals = {}, {}, [], {}
+
+    async def stream(self, request_id, prompt_ids, max_tokens, stop, entropy_tokens=0, top_logprobs=0, seed=None):
+        self.args[request_id] = dict(prompt=list(prompt_ids), seed=seed, top=top_logprobs, entropy=entropy_tokens)
+        self.arrivals[request_id] = dict(self.delivered)
+        self.delivered[request_id] = 0
+        ids, entropies, finish = scripted_segment(self.tok, list(prompt_ids), max_tokens, self.calls)
+        if entropy_tokens:
+            self.entropy[request_id] = entropies[:entropy_tokens]
+        cached = self.cached(list(prompt_ids))
+        for i in range(0, len(ids), 2):
+            await asyncio.sleep(self.delay)
+            chunk = ids[i : i + 2]
+            last = i + 2 >= len(ids)
+            reason = finish if last and not self.no_reason else None
+            top = [{t: -entropies[i + j], t + 1: -1.0} for j, t in enumerate(chunk)] if top_logprobs else []
+            self.delivered[request_id] += len(chunk)
+            yield StreamUpdate(chunk, [-0.01 * (i + j + 1) for j in range(len(chunk))], last, reason, cached, top)
+
+    def forget(self, request_ids):
+        self.forgotten.extend(request_ids)
+        super().forget(request_ids)
+
+
+def test_the_async_driver_seeds_each_request_from_the_rollout_seed_slot_kind_and_position(tokenizer):
+    engine = Observed(tokenizer, calls=2)
+    async_rollout(tokenizer, engine=engine, m=4, n=2, alpha=1.0).run([tokenizer.encode("Add 1 and 2.")] * 4, seed=11)
+    for request_id, args in engine.args.items():
+        batch, key = request_id.removeprefix("arpo-").split("-", 1)
+        assert args["seed"] == zlib.crc32(f"11-{key}".encode()) & 0x7FFFFFFF
+    unseeded = Observed(tokenizer, calls=2)
+    async_rollout(tokenizer, engine=unseeded).run([tokenizer.encode("Add 1 and 2.")] * 2)
+    assert all(args["seed"] is None for args in unseeded.args.values())
+    # Request ids name the batch: two rollouts on one engine never reuse an id (entropy tables are keyed by it).
+    assert not set(engine.args) & set(unseeded.args)
+    assert {r.split("-")[1] for r in engine.args} != {r.split("-")[1] for r in unseeded.args}
+
+
+def test_the_async_driver_counts_requests_prompt_and_cached_tokens_and_forks_prefills(tokenizer):
+    prompt = tokenizer.encode("Add 1 and 2.")
+    engine = Observed(tokenizer, calls=2, cached=lambda p: 0 if len(p) == len(prompt) else len(p) // 2)
+    rollout = async_rollout(tokenizer, engine=engine, m=4, n=2, alpha=1.0)
+    trajs, stats = rollout.run([prompt] * 4)
+    prompts = [len(a["prompt"]) for a in engine.args.values()]
+    assert stats.rounds == len(engine.args)  # one request per segment
+    assert rollout.prompt_tokens == sum(prompts)
+    assert rollout.cached_tokens == sum(n // 2 for n in prompts if n != len(prompt)) > 0
+    # One entry per fork, for its first request (the parent's prefix): (its prompt tokens, of those cached).
+    forks = [t for t in trajs if t.kind == "branch"]
+    assert stats.branches == len(forks) > 0
+    expected = sorted((len(prompt) + t.fork_position, (len(prompt) + t.fork_position) // 2) for t in forks)
+    assert sorted(rollout.fork_prefills) == expected
+
+
+def test_the_async_driver_keeps_every_tokens_sampling_logprob(tokenizer):
+    engine = Observed(tokenizer, calls=2)
+    trajs, _ = async_rollout(tokenizer, engine=engine).run([tokenizer.encode("Add 1 and 2.")] * 2)
+    for t in trajs:
+        assert len(t.logprobs) == len(t.completion_ids)
+        sampled = [lp for lp, mask in zip(t.logprobs, t.tool_mask, strict=True) if mask]
+        assert all(lp < 0 for lp in sampled) and len(set(sampled)) > 2  # the engine's own, token by token
+        assert all(lp == 0.0 for lp, mask in zip(t.logprobs, t.tool_mask, strict=True) if not mask)
+
+
+def test_a_stream_that_ends_without_a_reason_ends_on_the_budget(tokenizer):
+    engine = Observed(tokenizer, calls=0, no_reason=True)
+    trajs, _ = async_rollout(tokenizer, engine=engine, calls=0).run([tokenizer.encode("Add 1 and 2.")] * 2)
+    assert [t.finish_reason for t in trajs] == ["length", "length"]
+
+
+def test_an_aborted_request_stops_the_rollout_at_once_with_its_id(tokenizer):
+    """vLLM aborts requests when it shuts down: the rollout raises, naming the request, without waiting for the
+    tools other trajectories are running."""
+    finished = threading.Event()
+
+    def slow(expression: str) -> str:
+        time.sleep(3)
+        finished.set()
+        return "3"
+
+    slow.__name__ = "calc"
+
+    class AbortsOne(Observed):
+        async def stream(self, request_id, prompt_ids, max_tokens, stop, **kw):
+            abort = request_id.endswith("-1-root-0")
+            if abort:  # let slot 0 reach its tool first
+                await asyncio.sleep(0.5)
+            async for update in super().stream(request_id, prompt_ids, max_tokens, stop, **kw):
+                yield StreamUpdate(update.token_ids, update.logprobs, update.finished,
+                                   "abort" if abort and update.finished else update.finish_reason, 0, [])  # fmt: skip
+
+    rollout = async_rollout(tokenizer, engine=AbortsOne(tokenizer, calls=1), calls=1, tools=(slow,))
+    with pytest.raises(RuntimeError, match=r"^vLLM aborted request arpo-\d+-1-root-0 \(engine shut down\?\)$"):
+        rollout.run([tokenizer.encode("Add 1 and 2.")] * 2)
+    assert not finished.is_set()  # slot 0's tool was still running
+
+
+def test_the_decision_is_taken_when_exactly_k_tokens_have_streamed(tokenizer):
+    """Forks start the moment the k-th token after the result is in: their first request arrives while the
+    parent's stream has delivered k tokens, not k + 1 (k = 4; the engine delivers two tokens per update)."""
+    engine = Observed(tokenizer, calls=2, delay=0.01)
+    trajs, _ = async_rollout(tokenizer, engine=engine, m=4, n=1, alpha=1.0).run([tokenizer.encode("Add 1 and 2.")] * 4)
+    forks = [t for t in trajs if t.kind == "branch"]
+    assert forks
+    for fork in forks:
+        first = next(r for r in engine.args if r.endswith(f"-{fork.slot}-branch-{fork.fork_position}"))
+        parent = next(r for r in engine.args if re.search(f"-{fork.parent}-[a-z]+-{fork.fork_position}$", r))
+        assert engine.arrivals[first][parent] == 4
+
+
+def test_top_logprobs_are_asked_only_to_measure_a_window_with_the_top_k_estimator(tokenizer):
+    for estimator in ("exact", "top_k"):
+        engine = Observed(tokenizer, calls=2)
+        async_rollout(tokenizer, engine=engine, m=4, n=2, alpha=1.0, entropy_estimator=estimator).run(
+            [tokenizer.encode("Add 1 and 2.")] * 4
+        )
+        measuring = [a for a in engine.args.values() if a["entropy"] or a["top"]]
+        assert measuring and len(measuring) < len(engine.args)  # some segments have no window to measure
+        for a in engine.args.values():
+            if estimator == "exact":
+                assert a["top"] == 0
+            else:
+                assert a["entropy"] == 0 and a["top"] in (0, 10)
+        if estimator == "top_k":
+            assert {a["top"] for a in engine.args.values()} == {0, 10}
+
+
+def test_top_k_entropies_are_kept_for_the_window_only(tokenizer):
+    trajs, _ = async_rollout(tokenizer, engine=Observed(tokenizer, calls=2), entropy_estimator="top_k",
+                             alpha=1.0, m=4).run([tokenizer.encode("Add 1 and 2.")] * 4)  # fmt: skip
+    root = next(t for t in trajs if t.kind == "root")
+    first = root.token_entropies[: root.tool_mask.index(0)]  # the root's first segment: its H_initial window
+    assert not any(math.isnan(h) for h in first[:4]) and all(math.isnan(h) for h in first[4:])
+
+
+def test_tool_calls_wait_in_threads_named_for_them(tokenizer):
+    """While a tool runs, the driver's waiting thread is named for what it does (thread dumps of a stalled run)."""
+    names = []
+
+    def named(expression: str) -> str:
+        names.append({t.name.split("_")[0] for t in threading.enumerate()})
+        return "3"
+
+    named.__name__ = "calc"
+    async_rollout(tokenizer, calls=1, tools=(named,)).run([tokenizer.encode("Add 1 and 2.")] * 2)
+    assert names and all("arpo-tools" in n for n in names)
+
+
+def test_a_fresh_rollout_discarded_while_streaming_releases_its_entropy_entries(tokenizer):
+    engine = Observed(tokenizer, calls=2, delay=0.01)
+    rollout = async_rollout(tokenizer, engine=engine, m=4, n=1, alpha=1.0, rollout_fill="speculative",
+                            measure_every_token=True)  # fmt: skip
+    _, stats = rollout.run([tokenizer.encode("Add 1 and 2.")] * 4)
+    assert stats.discarded > 0
+    assert {r for r in engine.forgotten if "-fresh-" in r}  # the discarded rollouts' requests
