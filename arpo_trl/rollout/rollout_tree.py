@@ -185,9 +185,6 @@ class RolloutTree:
             return False
         return s.max_tool_rounds is None or traj.tool_rounds < s.max_tool_rounds or traj.awaiting_entropy
 
-    def live(self) -> list[Trajectory]:
-        return [t for t in self.slots if t is not None and not t.done]
-
     # ------------------------------------------------------------------ starting
     def start(self) -> list[Trajectory]:
         """The N roots of every group (and, with speculative fill, fresh rollouts in the free slots)."""
