@@ -189,8 +189,8 @@ class Recording(ScriptedEngine):
             yield update
 
 
-def async_rollout(tok, m=2, n=2, calls=2, tools=(calc,), engine=None, max_workers=16, alpha=0.0, **kw):
-    protocol = TagProtocol(tok, ["calc"])
+def async_rollout(tok, m=2, n=2, calls=2, tools=(calc,), engine=None, max_workers=16, alpha=0.0, protocol=None, **kw):
+    protocol = protocol or TagProtocol(tok, ["calc"])
     options = {
         k: kw.pop(k)
         for k in ("stop", "entropy_estimator", "toolset", "frozen_initial", "measure_every_token")
@@ -1008,3 +1008,20 @@ def test_a_fresh_rollout_discarded_while_streaming_releases_its_entropy_entries(
     _, stats = rollout.run([tokenizer.encode("Add 1 and 2.")] * 4)
     assert stats.discarded > 0
     assert {r for r in engine.forgotten if "-fresh-" in r}  # the discarded rollouts' requests
+
+
+def test_the_async_driver_hands_the_calls_over_the_limit_to_the_notice(tokenizer):
+    """The chat-template notice answers each call by name: the protocol is given the calls it answers."""
+
+    class Noting(TagProtocol):
+        noted = []
+
+        def limit_notice_ids(self, traj, calls, limit):
+            self.noted.append([c.name for c in calls])
+            return super().limit_notice_ids(traj, calls, limit)
+
+    protocol = Noting(tokenizer, ["calc"])
+    async_rollout(tokenizer, calls=3, protocol=protocol, max_tool_rounds=1, call_limit_action="message").run(
+        [tokenizer.encode("Add 1 and 2.")] * 2
+    )
+    assert protocol.noted and all(names == ["calc"] for names in protocol.noted)
