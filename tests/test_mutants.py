@@ -850,9 +850,9 @@ class Observed(ScriptedEngine):
     tokens each stream has delivered when a request arrives, and what is forgotten. `cached(prompt)` is what the
     engine reports as read from its prefix cache; `finish` replaces the script's last finish reason."""
 
-    def __init__(self, tok, calls, cached=lambda prompt: 0, no_reason=False, delay=0.0):
+    def __init__(self, tok, calls, cached=lambda prompt: 0, no_reason=False, unfinished=False, delay=0.0):
         super().__init__(tok, calls, delay)
-        self.cached, self.no_reason = cached, no_reason
+        self.cached, self.no_reason, self.unfinished = cached, no_reason, unfinished
         self.args, self.delivered, self.forgotten, self.arrivals = {}, {}, [], {}
 
     async def stream(self, request_id, prompt_ids, max_tokens, stop, entropy_tokens=0, top_logprobs=0, seed=None):
@@ -866,7 +866,7 @@ class Observed(ScriptedEngine):
         for i in range(0, len(ids), 2):
             await asyncio.sleep(self.delay)
             chunk = ids[i : i + 2]
-            last = i + 2 >= len(ids)
+            last = i + 2 >= len(ids) and not self.unfinished
             reason = finish if last and not self.no_reason else None
             top = [{t: -entropies[i + j], t + 1: -1.0} for j, t in enumerate(chunk)] if top_logprobs else []
             self.delivered[request_id] += len(chunk)
@@ -917,18 +917,34 @@ def test_the_async_driver_keeps_every_tokens_sampling_logprob(tokenizer):
         assert all(lp == 0.0 for lp, mask in zip(t.logprobs, t.tool_mask, strict=True) if not mask)
 
 
-def test_a_stream_that_ends_without_a_reason_ends_on_the_budget(tokenizer):
-    engine = Observed(tokenizer, calls=0, no_reason=True)
+@pytest.mark.parametrize("ending", ["no_reason", "unfinished"])
+def test_a_stream_that_ends_without_a_reason_ends_on_the_budget(tokenizer, ending):
+    engine = Observed(tokenizer, calls=0, **{ending: True})
     trajs, _ = async_rollout(tokenizer, engine=engine, calls=0).run([tokenizer.encode("Add 1 and 2.")] * 2)
     assert [t.finish_reason for t in trajs] == ["length", "length"]
+
+
+def test_no_trajectory_is_left_awaiting_a_decision(tokenizer):
+    """Fresh rollouts (never branchable) also reach tool results: the driver records that no decision is made
+    there, so none is left waiting for one."""
+    trajs, stats = async_rollout(tokenizer, m=4, n=2, calls=2).run([tokenizer.encode("Add 1 and 2.")] * 4)
+    assert stats.fresh == 2 and any(t.kind == "fresh" and t.tool_rounds for t in trajs)
+    assert not any(t.awaiting_entropy for t in trajs)
+
+
+def test_tool_seconds_are_zero_without_tool_calls(tokenizer):
+    rollout = async_rollout(tokenizer, calls=0)
+    rollout.run([tokenizer.encode("Add 1 and 2.")] * 2)
+    assert rollout.tool_seconds == 0.0
 
 
 def test_an_aborted_request_stops_the_rollout_at_once_with_its_id(tokenizer):
     """vLLM aborts requests when it shuts down: the rollout raises, naming the request, without waiting for the
     tools other trajectories are running."""
-    finished = threading.Event()
+    finished, started = threading.Event(), []
 
     def slow(expression: str) -> str:
+        started.append(expression)
         time.sleep(3)
         finished.set()
         return "3"
@@ -944,10 +960,15 @@ def test_an_aborted_request_stops_the_rollout_at_once_with_its_id(tokenizer):
                 yield StreamUpdate(update.token_ids, update.logprobs, update.finished,
                                    "abort" if abort and update.finished else update.finish_reason, 0, [])  # fmt: skip
 
-    rollout = async_rollout(tokenizer, engine=AbortsOne(tokenizer, calls=1), calls=1, tools=(slow,))
+    # One tool at a time: slot 0's call runs, slot 2's waits behind it.
+    rollout = async_rollout(tokenizer, engine=AbortsOne(tokenizer, calls=1), m=3, n=3, calls=1, tools=(slow,),
+                            max_workers=1)  # fmt: skip
     with pytest.raises(RuntimeError, match=r"^vLLM aborted request arpo-\d+-1-root-0 \(engine shut down\?\)$"):
-        rollout.run([tokenizer.encode("Add 1 and 2.")] * 2)
+        rollout.run([tokenizer.encode("Add 1 and 2.")] * 3)
     assert not finished.is_set()  # slot 0's tool was still running
+    finished.wait(timeout=10)
+    time.sleep(0.5)
+    assert len(started) == 1  # the queued call was cancelled, not run after the failure
 
 
 def test_the_decision_is_taken_when_exactly_k_tokens_have_streamed(tokenizer):
