@@ -610,6 +610,6 @@ def autocast_mismatch(weights_dtype: str, mixed_precision: str) -> str | None:
         f"use_vllm with {mixed_precision} mixed precision and float32 weights: the engine samples in float32, but "
         f"the trainer computes its logprobs under {autocast} autocast, so TRL's importance-sampling ratios measure "
         f"{autocast} rounding (per-sequence ratios of 0.7-1.4 on SmolLM2-135M, and sequence_mask drops those above "
-        f"vllm_importance_sampling_clip_max) rather than the sampler's staleness. Set bf16=False (on CPU float32 is "
-        f"also the faster choice), or load the model in {autocast} so both sides compute in it."
+        f"vllm_importance_sampling_clip_max) rather than the sampler's staleness. Set bf16=False for exact ratios "
+        f"(the training step then runs in float32, slower where the CPU or GPU has fast {autocast})."
     )
