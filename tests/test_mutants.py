@@ -1046,3 +1046,21 @@ def test_the_async_driver_hands_the_calls_over_the_limit_to_the_notice(tokenizer
         [tokenizer.encode("Add 1 and 2.")] * 2
     )
     assert protocol.noted and all(names == ["calc"] for names in protocol.noted)
+
+
+# ---------------------------------------------------------------------------------------------- protocols.py (tags)
+
+
+def test_tag_protocol_hands_rewards_the_turn_as_text_and_appends_results_back_to_back(tokenizer):
+    from arpo_trl.tools import format_result
+
+    protocol = TagProtocol(tokenizer, ["calc"], result_style="official")
+    traj = Trajectory(slot=0, group=0)
+    traj.extend(tokenizer.encode("Sum<calc>1+2</calc>", add_special_tokens=False), sampled=True)
+    traj.extend([tokenizer.eos_token_id], sampled=True)
+    assert protocol.completion(traj, conversational=True) == [{"role": "assistant", "content": "Sum<calc>1+2</calc>"}]
+    assert protocol.completion(traj, conversational=False) == "Sum<calc>1+2</calc>"  # no EOS string
+    two = protocol.result_ids(traj, [], [ToolResult("3"), ToolResult("4")])
+    assert tokenizer.decode(two) == format_result("3", "official") + format_result("4", "official")
+    notice = tokenizer.decode(protocol.limit_notice_ids(traj, [], 2))
+    assert notice.startswith(" <result>\nError: the tool-call limit (2) is reached")  # in the protocol's style
