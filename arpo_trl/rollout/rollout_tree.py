@@ -424,7 +424,6 @@ class TreeDriver:
 
 
 __all__ = [
-    "TreeDriver",
     "BRANCH",
     "DUPLICATE",
     "FRESH",
@@ -434,4 +433,5 @@ __all__ = [
     "RolloutTree",
     "Segment",
     "ToolProtocol",
+    "TreeDriver",
 ]
