@@ -200,23 +200,23 @@ def install_probes() -> None:
     _patch(TreeRollout, "run", simple("engine_s"))
 
     def fill(original):  # the round driver calls it once per round, after the round's results are in
-        def wrapper(self):
+        def wrapper(self, *args, **kwargs):
             probe = active()
             if probe is not None and not getattr(self, "_bench_tree_done", False):
                 if not any(t is not None and not t.done and t.kind != "fresh" for t in self.slots):
                     self._bench_tree_done = True
                     probe.current.tree_rounds += self.stats.rounds
-            return original(self)
+            return original(self, *args, **kwargs)
 
         return wrapper
 
     _patch(RolloutTree, "fill", fill)
 
     def executor_run(original):
-        def wrapper(self, calls):
+        def wrapper(self, calls, *args, **kwargs):  # (calls, toolsets): the toolsets of environment tools
             probe = active()
             with timed("tools_s"):
-                results = original(self, calls)
+                results = original(self, calls, *args, **kwargs)
             if probe is not None:
                 probe.current.tool_rounds += 1
             return results
