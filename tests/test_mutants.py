@@ -1064,3 +1064,71 @@ def test_tag_protocol_hands_rewards_the_turn_as_text_and_appends_results_back_to
     assert tokenizer.decode(two) == format_result("3", "official") + format_result("4", "official")
     notice = tokenizer.decode(protocol.limit_notice_ids(traj, [], 2))
     assert notice.startswith(" <result>\nError: the tool-call limit (2) is reached")  # in the protocol's style
+
+
+# ---------------------------------------------------------------------------------------------- protocols.py (chat)
+
+
+def _chat_protocol(with_schema=True):
+    from test_tool_output_tokens import fake_trainer
+    from trl.chat_template_utils import add_response_schema
+
+    from arpo_trl.rollout.protocols import ChatTemplateProtocol
+    from arpo_trl.testing import chat_template_tokenizer
+
+    tok = chat_template_tokenizer()
+    trainer = fake_trainer(add_response_schema(tok) if with_schema else tok)
+    trainer.tools = [calc]
+    protocol = ChatTemplateProtocol(trainer)
+    protocol.prompt_ids = [tok.apply_chat_template([{"role": "user", "content": "Add 1 and 2."}],
+                                                   add_generation_prompt=True, tokenize=True, return_dict=False)]  # fmt: skip
+    return protocol, trainer._tokenizer
+
+
+def _turn(tok, text, finish="eos"):
+    ids = tok.encode(text, add_special_tokens=False) + ([tok.eos_token_id] if finish == "eos" else [])
+    traj = Trajectory(slot=0, group=0)
+    traj.extend(ids, sampled=True)
+    return traj, Segment(ids, [0.0] * len(ids), finish)
+
+
+def test_chat_protocol_parses_a_turns_tool_calls_as_trl_does_and_names_bad_ones():
+    protocol, tok = _chat_protocol()
+    call = '<tool_call>\n{"name": "calc", "arguments": {"expression": "1+2"}}\n</tool_call>'
+    traj, seg = _turn(tok, call)
+    assert protocol.calls(traj, seg) == [ToolCall("calc", {"expression": "1+2"})]
+    assert traj.messages == [{"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "calc", "arguments": {"expression": "1+2"}}}]}]  # fmt: skip
+    traj, seg = _turn(tok, '<tool_call>\n{"name": "calc", "arguments": "1+2"}\n</tool_call>')
+    assert protocol.calls(traj, seg) == [
+        ToolCall("calc", {}, parse_error="Error: arguments of 'calc' are not a JSON object.")
+    ]
+    traj, seg = _turn(tok, call, finish="length")  # cut by the budget: parsed into the turns, not run
+    assert protocol.calls(traj, seg) == [] and traj.messages[0]["tool_calls"]
+    traj, seg = _turn(tok, "The answer is 3.")
+    assert protocol.calls(traj, seg) == [] and traj.messages == [{"role": "assistant", "content": "The answer is 3."}]
+
+
+def test_chat_protocol_without_a_response_schema_keeps_the_turn_as_text():
+    protocol, tok = _chat_protocol(with_schema=False)
+    traj, seg = _turn(tok, '<tool_call>\n{"name": "calc", "arguments": {"expression": "1+2"}}\n</tool_call>')
+    assert protocol.calls(traj, seg) == []
+    assert traj.messages == [{"role": "assistant", "content": tok.decode(seg.ids, skip_special_tokens=True)}]
+
+
+def test_chat_protocol_answers_each_call_with_a_tool_turn_and_hands_rewards_the_turns():
+    from arpo_trl.rollout.plain_text import tool_suffix_ids
+
+    protocol, tok = _chat_protocol()
+    traj, _ = _turn(tok, "x")
+    calls = [ToolCall("calc", {"expression": "1+2"}), ToolCall("calc", {"expression": "2+2"})]
+    ids = protocol.result_ids(traj, calls, [ToolResult("3"), ToolResult("4")])
+    results = [{"role": "tool", "name": "calc", "content": "3"}, {"role": "tool", "name": "calc", "content": "4"}]
+    assert traj.messages == results and ids == tool_suffix_ids(protocol.trainer, results)
+    notice = protocol.limit_notice_ids(traj, calls[:1], 2)
+    assert traj.messages[-1]["name"] == "calc" and traj.messages[-1]["content"].startswith(
+        "Error: the tool-call limit (2) is reached"
+    )
+    assert notice == tool_suffix_ids(protocol.trainer, [traj.messages[-1]])
+    assert protocol.completion(traj, conversational=True) is traj.messages
+    assert protocol.completion(traj, conversational=False) == "x"
