@@ -250,7 +250,7 @@ class ARPOTrainer(GRPOTrainer):
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
         from .rollout.vllm_engine import VLLMEngine
-        from .rollout.vllm_weights import export_model
+        from .rollout.vllm_weights import autocast_mismatch, export_model
 
         a = self.args
         if a.vllm_mode == "server":
@@ -598,18 +598,3 @@ class ARPOTrainer(GRPOTrainer):
             valid = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).long()
             output["advantages"] = hard_attribution(ids, valid, output["advantages"], self.num_generations)
         return output
-
-
-def autocast_mismatch(weights_dtype: str, mixed_precision: str) -> str | None:
-    """Why TRL's importance-sampling ratios will be off when the trainer computes its logprobs under autocast
-    while the engine samples with the weights' own (wider) dtype; None when they compute alike."""
-    autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(str(mixed_precision))
-    if autocast is None or weights_dtype != "float32":
-        return None
-    return (
-        f"use_vllm with {mixed_precision} mixed precision and float32 weights: the engine samples in float32, but "
-        f"the trainer computes its logprobs under {autocast} autocast, so TRL's importance-sampling ratios measure "
-        f"{autocast} rounding (per-sequence ratios of 0.7-1.4 on SmolLM2-135M, and sequence_mask drops those above "
-        f"vllm_importance_sampling_clip_max) rather than the sampler's staleness. Set bf16=False for exact ratios "
-        f"(the training step then runs in float32, slower where the CPU or GPU has fast {autocast})."
-    )

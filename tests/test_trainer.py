@@ -511,7 +511,7 @@ def test_official_preset_on_transformers_measures_the_top_k_estimate(tool_model,
 def test_vllm_under_autocast_with_float32_weights_is_named_at_construction():
     """bf16/fp16 autocast over float32 weights: the engine (weights' dtype) and the trainer's logprobs differ by
     the autocast rounding, which TRL's importance-sampling ratios would report as off-policy drift."""
-    from arpo_trl.trainer import autocast_mismatch
+    from arpo_trl.rollout.vllm_weights import autocast_mismatch
 
     message = autocast_mismatch("float32", "bf16")
     assert "bfloat16 autocast" in message and "bf16=False" in message

@@ -71,3 +71,18 @@ def export_model(model: torch.nn.Module, tokenizer: Any, path: str, zero3: bool 
         generation_config.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def autocast_mismatch(weights_dtype: str, mixed_precision: str) -> str | None:
+    """Why TRL's importance-sampling ratios will be off when the trainer computes its logprobs under autocast
+    while the engine samples with the weights' own (wider) dtype; None when they compute alike."""
+    autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(str(mixed_precision))
+    if autocast is None or weights_dtype != "float32":
+        return None
+    return (
+        f"use_vllm with {mixed_precision} mixed precision and float32 weights: the engine samples in float32, but "
+        f"the trainer computes its logprobs under {autocast} autocast, so TRL's importance-sampling ratios measure "
+        f"{autocast} rounding (per-sequence ratios of 0.7-1.4 on SmolLM2-135M, and sequence_mask drops those above "
+        f"vllm_importance_sampling_clip_max) rather than the sampler's staleness. Set bf16=False for exact ratios "
+        f"(the training step then runs in float32, slower where the CPU or GPU has fast {autocast})."
+    )
