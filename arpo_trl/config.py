@@ -157,9 +157,10 @@ class ARPOConfig(GRPOConfig):
     speculative_forks: bool = field(
         default=False,
         metadata={
-            "help": "With entropy_timing='after_tool': sample Z copies of the state after each tool result in the "
-            "same round as the parent's continuation, keep them if the decision forks, else discard them. Same "
-            "distribution as forking one round later, fewer generation rounds, more tokens sampled."
+            "help": "With entropy_timing='after_tool': sample Z copies of the state after each tool result beside the "
+            "parent's continuation (in the same round; with use_vllm, as requests started with it), keep them if the "
+            "decision forks, else discard them. Same distribution as forking at the decision, without waiting for "
+            "the k tokens it reads; more tokens sampled."
         },
     )
     entropy_estimator: str | None = field(
@@ -340,11 +341,6 @@ class ARPOConfig(GRPOConfig):
                 raise ValueError(
                     "entropy_estimator='exact' needs ARPO's logits processor inside the engine (vllm_mode='colocate'); "
                     "a vLLM server returns logprobs only: use entropy_estimator='top_k' (the official estimate)"
-                )
-            if self.speculative_forks:
-                raise ValueError(
-                    "speculative_forks=True is for the transformers round driver; with use_vllm=True forks start as "
-                    "soon as the k tokens after a tool result have streamed in (set speculative_forks=False)"
                 )
         if self.vllm_kv_cache_gib is not None and self.vllm_kv_cache_gib <= 0:
             raise ValueError(f"vllm_kv_cache_gib must be > 0, got {self.vllm_kv_cache_gib}")

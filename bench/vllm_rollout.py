@@ -153,6 +153,7 @@ def build_trainer(variant: str, opts, out_dir: str):
         branch_entropy_weight=0.0 if grpo else opts.beta,
         entropy_window=opts.entropy_window,
         rollout_fill=opts.rollout_fill,
+        speculative_forks=opts.speculative_forks,
         tool_timeout=30,
         use_vllm=variant != "arpo-hf",
         vllm_mode="colocate",
@@ -442,6 +443,7 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.2)
     p.add_argument("--entropy-window", type=int, default=20, help="k")
     p.add_argument("--rollout-fill", default="fresh", help="ARPO's rollout_fill (fresh, speculative, ...)")
+    p.add_argument("--speculative-forks", action="store_true", help="ARPO's speculative_forks=True")
     p.add_argument("--tool-sleep", type=float, default=1.0, help="seconds the slow tool waits (arpo-vllm-slow)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="a model directory or embedded:NAME instead of the demo's cold start")
@@ -498,7 +500,7 @@ def main(argv=None) -> dict:
                 f"{opts.num_generations}, N={opts.initial_rollouts}, {opts.prompts_per_step} prompts/step, "
                 f"{opts.steps} steps, max_completion_length={opts.max_completion_length}, "
                 f"max_tool_calling_iterations={opts.max_tool_calls}, rollout_fill={opts.rollout_fill}, "
-                f"α={opts.alpha}, β={opts.beta}, "
+                f"speculative_forks={opts.speculative_forks}, α={opts.alpha}, β={opts.beta}, "
                 f"k={opts.entropy_window}, lr={opts.learning_rate}, seed={opts.seed}, float32, variants in turn, "
                 "each in its own process"
             ),

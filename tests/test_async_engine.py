@@ -137,13 +137,15 @@ def test_without_branching_both_drivers_give_the_same_trees_slot_by_slot(tokeniz
     assert r_stats.tool_executions == 2 * len([t for t in rounds if t.kind != "duplicate"])
 
 
-@pytest.mark.parametrize("timing", ["after_tool", "lagged"])
-def test_threshold_branching_gives_the_same_trees_when_slots_are_not_contested(tokenizer, timing):
+@pytest.mark.parametrize("timing, speculative", [("after_tool", False), ("after_tool", True), ("lagged", False)])
+def test_threshold_branching_gives_the_same_trees_when_slots_are_not_contested(tokenizer, timing, speculative):
     """Deterministic decisions (paper's threshold rule on scripted entropies) and a budget M no tree can exhaust:
-    the same trees, whichever order the asynchronous driver's decisions happen in."""
+    the same trees, whichever order the asynchronous driver's decisions happen in, and with speculative forks too
+    (a kept copy samples what a fork started at the decision would)."""
     (rounds, r_stats), (asynchronous, a_stats) = both(
-        tokenizer, m=16, n=2, alpha=0.5, beta=1.0, rule="threshold", tau=0.5, entropy_timing=timing
-    )
+        tokenizer, m=16, n=2, alpha=0.5, beta=1.0, rule="threshold", tau=0.5, entropy_timing=timing,
+        speculative_forks=speculative,
+    )  # fmt: skip
     assert r_stats.branches > 0 and r_stats.entropy_deltas  # the scenario branches
     assert canonical(rounds, 16) == canonical(asynchronous, 16)
     assert sorted(r_stats.entropy_deltas) == pytest.approx(sorted(a_stats.entropy_deltas))
@@ -194,6 +196,102 @@ def test_fork_starts_as_soon_as_k_tokens_after_the_result_have_streamed(tokenize
     segment = len(tokenizer.encode(" The answer is \\boxed{3}.", add_special_tokens=False)) + 1
     assert segment > 2 * 4  # the segment is much longer than k
     assert fork_started < engine.finished_at[parent_id]  # the fork started while the parent still streamed
+
+
+class CopyWatcher(ScriptedEngine):
+    """Records, for each speculative copy's request, how many tokens every other request had streamed when it
+    started, and the most copy requests streaming at once."""
+
+    def __init__(self, tok, calls, delay=0.0):
+        super().__init__(tok, calls, delay)
+        self.streamed, self.seen_at_start, self.copies_live, self.most_copies_live = {}, {}, 0, 0
+
+    async def stream(self, request_id, prompt_ids, *args, **kwargs):
+        copy = "." in request_id  # a copy not yet placed is named after its parent: "<parent>.<i>"
+        self.seen_at_start[request_id] = dict(self.streamed)
+        self.streamed[request_id] = 0
+        self.copies_live += copy
+        self.most_copies_live = max(self.most_copies_live, self.copies_live)
+        try:
+            async for update in super().stream(request_id, prompt_ids, *args, **kwargs):
+                self.streamed[request_id] += len(update.token_ids)
+                yield update
+        finally:
+            self.copies_live -= copy
+
+
+def speculative_rollout(tok, engine, m, n, z=1, alpha=1.0, beta=0.0, **kw):
+    protocol = TagProtocol(tok, ["calc"])
+    rollout = AsyncTreeRollout(
+        settings(m, n, branch_factor=z, speculative_forks=True, **kw), engine, protocol,
+        ToolExecutor([calc], timeout=5), BranchPolicy(alpha, beta, seed=0), len(tok), tok.eos_token_id,
+        stop=protocol.stop_strings,
+    )  # fmt: skip
+    return rollout.run([tok.encode("Add 1 and 2.")] * m)
+
+
+def test_speculative_forks_start_with_the_parents_continuation_not_k_tokens_later(tokenizer):
+    engine = CopyWatcher(tokenizer, calls=1, delay=0.002)
+    trajs, stats = speculative_rollout(tokenizer, engine, m=2, n=1)
+    assert stats.branches == 1 and stats.discarded_forks == 0
+    fork = trajs[1]
+    shared = tokenizer.encode("Add 1 and 2.") + fork.completion_ids[: fork.fork_position]
+    (parent_id, _, k, _), (copy_id, _, copy_k, _) = [r for r in engine.requests if r[1] == shared]
+    assert copy_id == f"arpo-{copy_id.split('-')[1]}-0.1-branch-{fork.fork_position}"  # parent slot 0, copy 1
+    assert (k, copy_k) == (4, 0)  # the parent measures its k = 4 tokens; the copy's window is never read
+    assert engine.seen_at_start[copy_id][parent_id] == 0  # started before the parent sampled a token
+    # The kept copy is the fork: its first segment is what the copy's request streamed.
+    assert len(fork.completion_ids) == fork.fork_position + engine.streamed[copy_id]
+    assert fork.slot == 1 and fork.parent == 0 and fork.finish_reason == "eos"
+
+
+@pytest.mark.parametrize("alpha, beta", [(0.0, 0.0), (0.5, 0.3), (1.0, 0.0)])
+def test_speculative_copies_are_kept_iff_the_decision_forks_and_the_others_aborted(tokenizer, alpha, beta):
+    m, n = 8, 2
+    engine = CopyWatcher(tokenizer, calls=2, delay=0.001)
+    trajs, stats = speculative_rollout(tokenizer, engine, m=m, n=n, alpha=alpha, beta=beta)
+    assert [t.slot for t in trajs] == list(range(m)) and all(t.done and t.slot >= 0 for t in trajs)
+    assert stats.branches + stats.fresh == m - n
+    copies = [r[0] for r in engine.requests if "." in r[0]]
+    kept = [t for t in trajs if t.kind == "branch" and any(c.endswith(f"-branch-{t.fork_position}") for c in copies)]
+    assert stats.discarded_forks == len(copies) - len(kept) and len(copies) >= len(kept)
+    # A discarded copy's request was closed before it ended (its segment is longer than the parent's k tokens).
+    discarded = [c for c in copies if c not in engine.finished_at]
+    assert len(discarded) == stats.discarded_forks
+    for t in trajs:
+        if t.kind == "branch":
+            parent, cut = trajs[t.parent], t.fork_position
+            assert t.completion_ids[:cut] == parent.completion_ids[:cut]
+            assert tokenizer.decode(t.completion_ids[:cut]).endswith("</result>")
+            assert t.finish_reason == "eos" and tokenizer.decode(t.completion_ids).count("<result>") == 2
+    if alpha == 0.0:
+        assert stats.branches == 0 and stats.discarded_forks == len(copies) == len(stats.branch_probabilities) > 0
+    if alpha == 1.0:
+        assert stats.branches == m - n and stats.fresh == 0
+
+
+def test_a_speculative_copy_never_measures_nor_freezes_an_initial_entropy(tokenizer):
+    """initial_entropy='frozen_per_slot' keys H_initial by slot: a copy not yet placed has none, so it must not
+    measure a window (nor freeze one under its placeholder slot)."""
+    engine, frozen = CopyWatcher(tokenizer, calls=1), {}
+    protocol = TagProtocol(tokenizer, ["calc"])
+    rollout = AsyncTreeRollout(
+        settings(2, 1, speculative_forks=True, initial_entropy="frozen_per_slot"), engine, protocol,
+        ToolExecutor([calc], timeout=5), BranchPolicy(1.0, 0.0, seed=0), len(tokenizer), tokenizer.eos_token_id,
+        stop=protocol.stop_strings, frozen_initial=frozen,
+    )  # fmt: skip
+    _, stats = rollout.run([tokenizer.encode("Add 1 and 2.")] * 2)
+    assert stats.branches == 1 and sorted(frozen) == [0]
+    assert [r[2] for r in engine.requests if "." in r[0]] == [0]
+
+
+def test_a_groups_speculative_copies_never_outnumber_its_free_slots(tokenizer):
+    """M = 3, N = 2, Z = 2: one free slot. Both roots reach their first result together (the same script); only
+    the first gets a copy, and the other decides (and forks) without one."""
+    engine = CopyWatcher(tokenizer, calls=1, delay=0.001)
+    trajs, stats = speculative_rollout(tokenizer, engine, m=3, n=2, z=2, alpha=1.0)
+    assert engine.most_copies_live == 1
+    assert stats.branches == 1 and stats.discarded_forks == 0 and [t.kind for t in trajs] == ["root", "root", "branch"]
 
 
 def test_a_slow_tool_does_not_stall_other_trajectories(tokenizer):

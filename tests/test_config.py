@@ -81,8 +81,7 @@ def test_vllm_settings_arpo_cannot_honour_are_refused():
     assert (server.entropy_estimator, ARPOConfig(**BASE).entropy_estimator) == ("top_k", "exact")
     with pytest.raises(ValueError, match="a vLLM server returns logprobs only: use entropy_estimator='top_k'"):
         ARPOConfig(**BASE, use_vllm=True, vllm_mode="server", entropy_estimator="exact")
-    with pytest.raises(ValueError, match="speculative_forks=True is for the transformers round driver"):
-        ARPOConfig(**BASE, use_vllm=True, vllm_mode="colocate", speculative_forks=True)
+    assert ARPOConfig(**BASE, use_vllm=True, vllm_mode="colocate", speculative_forks=True).speculative_forks
     assert ARPOConfig(**BASE, entropy_estimator="top_k").entropy_estimator == "top_k"  # both backends
     assert ARPOConfig(**BASE, use_vllm=True, vllm_mode="colocate").use_vllm
 

@@ -205,15 +205,9 @@ def async_rollout(tok, m=2, n=2, calls=2, tools=(calc,), engine=None, max_worker
     return rollout
 
 
-def test_the_async_driver_refuses_unknown_estimators_and_speculative_forks_with_clear_messages(tokenizer):
+def test_the_async_driver_refuses_unknown_estimators_with_a_clear_message(tokenizer):
     with pytest.raises(ValueError, match=re.escape("entropy_estimator must be 'exact' or 'top_k', got 'top_p'")):
         async_rollout(tokenizer, entropy_estimator="top_p")
-    message = (
-        "speculative_forks is for the round driver; the asynchronous driver forks as soon as the k tokens after a "
-        "tool result have streamed in, with no round to wait for"
-    )
-    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
-        async_rollout(tokenizer, speculative_forks=True)
 
 
 @pytest.mark.parametrize("stop, sent", [(None, None), ([], None), (["</calc>"], ["</calc>"])])
@@ -1107,6 +1101,48 @@ def test_chat_protocol_parses_a_turns_tool_calls_as_trl_does_and_names_bad_ones(
     assert protocol.calls(traj, seg) == [] and traj.messages[0]["tool_calls"]
     traj, seg = _turn(tok, "The answer is 3.")
     assert protocol.calls(traj, seg) == [] and traj.messages == [{"role": "assistant", "content": "The answer is 3."}]
+
+
+@pytest.mark.parametrize(
+    "tool_call, expected",
+    [
+        ({"type": "function", "function": {"name": "calc", "arguments": {"expression": "1"}}},
+         ToolCall("calc", {"expression": "1"})),
+        ({"function": {"name": "calc", "arguments": {}}}, ToolCall("calc", {})),  # no type: a function call
+        ({"type": "retrieval", "function": {"name": "calc", "arguments": {}}},
+         ToolCall("calc", {}, parse_error="Error: unsupported tool call type 'retrieval'.")),
+        ({"type": "function"}, ToolCall("unknown", {}, parse_error="Error: arguments of 'unknown' are not a JSON object.")),
+        ({"type": "function", "function": "calc"},
+         ToolCall("unknown", {}, parse_error="Error: arguments of 'unknown' are not a JSON object.")),
+        ({"type": "function", "function": {"name": "", "arguments": []}},
+         ToolCall("unknown", {}, parse_error="Error: arguments of 'unknown' are not a JSON object.")),
+        ("calc(1)", ToolCall("unknown", {}, parse_error="Error: unsupported tool call type 'str'.")),
+    ],
+)  # fmt: skip
+def test_each_parsed_tool_call_becomes_a_call_or_an_error_naming_what_is_wrong(tool_call, expected):
+    from arpo_trl.rollout.protocols import tool_calls_of
+
+    ok = {"type": "function", "function": {"name": "calc", "arguments": {"expression": "2"}}}
+    assert tool_calls_of({"tool_calls": [tool_call, ok]}) == [expected, ToolCall("calc", {"expression": "2"})]
+    assert tool_calls_of({"role": "assistant", "content": "3"}) == tool_calls_of({"tool_calls": None}) == []
+
+
+def test_chat_protocol_types_arguments_with_the_tools_schema():
+    """TRL types a call's arguments with the calling tool's JSON schema ("7" → 7 for an integer parameter)."""
+    protocol, tok = _chat_protocol()
+
+    def add(a: int, b: int) -> str:
+        """Add two integers.
+
+        Args:
+            a: the first.
+            b: the second.
+        """
+        return str(a + b)
+
+    protocol.trainer.tools = [add]
+    traj, seg = _turn(tok, '<tool_call>\n{"name": "add", "arguments": {"a": "7", "b": 2}}\n</tool_call>')
+    assert protocol.calls(traj, seg) == [ToolCall("add", {"a": 7, "b": 2})]
 
 
 def test_chat_protocol_without_a_response_schema_keeps_the_turn_as_text():

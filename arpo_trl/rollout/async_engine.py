@@ -9,6 +9,11 @@ loop (`vllm_engine.VLLMEngine`):
 - The branching decision at tool result t is taken as soon as the k tokens after it have streamed in
   (``entropy_timing="after_tool"``), or when the result is appended (``"lagged"``); the Z forks start at once as new
   coroutines whose prompts share the parent's prefix token for token, so vLLM's prefix cache serves their prefill.
+- ``speculative_forks`` removes even that lag of k tokens: right after tool result t is appended, Z copies of the
+  state start their own requests beside the parent's continuation; the decision at t then keeps them (they take
+  their slots with what they have sampled so far) or aborts them. A copy's continuation does not depend on the
+  parent's, nor the decision on the copy's, so a kept copy has the distribution of a fork started at the decision.
+  The copies of one group never outnumber its free slots.
 - Fresh top-ups start as soon as a group's tree can no longer use its slots. With speculative fill, a branch that
   reclaims a fresh rollout's slot aborts that rollout's request.
 
@@ -27,6 +32,7 @@ import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..tools import ToolCall, ToolExecutor
@@ -34,6 +40,26 @@ from .branching import BranchPolicy
 from .entropy import TOP_K_CANDIDATES, truncated_entropy
 from .rollout_tree import RolloutSettings, RolloutStats, RolloutTree, Segment, ToolProtocol, TreeDriver
 from .tree import BRANCH, Trajectory
+
+
+@dataclass
+class _Batch:
+    """What every trajectory coroutine of one batch shares."""
+
+    tree: RolloutTree
+    pool: ThreadPoolExecutor  # the tool calls' threads
+    seed: int | None
+    number: int  # makes request ids unique across batches
+    launch: Callable[..., None]  # start coroutines for new trajectories
+    speculating: dict[int, int] = field(default_factory=dict)  # group → speculative copies awaiting a decision
+
+
+@dataclass
+class _Copies:
+    """Speculative forks of a trajectory at its pending tool result, and the decision they wait for."""
+
+    copies: list[Trajectory]
+    decided: asyncio.Future
 
 
 class AsyncTreeRollout(TreeDriver):
@@ -58,11 +84,6 @@ class AsyncTreeRollout(TreeDriver):
     ) -> None:
         if entropy_estimator not in ("exact", "top_k"):
             raise ValueError(f"entropy_estimator must be 'exact' or 'top_k', got {entropy_estimator!r}")
-        if settings.speculative_forks:
-            raise ValueError(
-                "speculative_forks is for the round driver; the asynchronous driver forks as soon as the k tokens "
-                "after a tool result have streamed in, with no round to wait for"
-            )
         super().__init__(settings, protocol, executor, policy, vocab_size, eos_token_id, toolset, frozen_initial)
         self.engine = engine
         self.stop = stop or None
@@ -89,17 +110,17 @@ class AsyncTreeRollout(TreeDriver):
 
     # ------------------------------------------------------------------ the batch
     async def _run(self, tree: RolloutTree, pool: ThreadPoolExecutor, seed: int | None) -> list[Trajectory]:
-        batch = next(self._batches)
         tasks: set[asyncio.Task] = set()
         self.cached_tokens = 0  # prompt tokens served from the prefix cache, over the batch
         self.prompt_tokens = 0
         self.tool_seconds = 0.0  # summed over calls (they overlap generation and each other)
         self.fork_prefills: list[tuple[int, int]] = []  # per fork's first request: (prompt tokens, served from cache)
 
-        def launch(trajs: Sequence[Trajectory]) -> None:
+        def launch(trajs: Sequence[Trajectory], decided: asyncio.Future | None = None) -> None:
             for traj in trajs:
-                tasks.add(asyncio.create_task(self._trajectory(tree, traj, launch, batch, pool, seed)))
+                tasks.add(asyncio.create_task(self._trajectory(batch, traj, decided)))
 
+        batch = _Batch(tree, pool, seed, next(self._batches), launch)
         launch(tree.start())
         try:
             while tasks:
@@ -113,24 +134,57 @@ class AsyncTreeRollout(TreeDriver):
         return tree.finish()
 
     # ------------------------------------------------------------------ one trajectory
-    async def _trajectory(
-        self, tree: RolloutTree, traj: Trajectory, launch, batch: int, pool: ThreadPoolExecutor, seed: int | None
-    ) -> None:
+    async def _trajectory(self, batch: _Batch, traj: Trajectory, decided: asyncio.Future | None = None) -> None:
+        """Run `traj` to its end. `decided`: `traj` is a speculative copy, kept or discarded when that resolves."""
+        tree, copies = batch.tree, None
         while not traj.done:
             # Unique per trajectory and position (the kind tells a fresh rollout from the branch that may later take
-            # its slot): the request's seed depends on the rollout's seed and on nothing else, not even the batch.
-            key = f"{traj.slot}-{traj.kind}-{len(traj.completion_ids)}"
-            request_seed = None if seed is None else zlib.crc32(f"{seed}-{key}".encode()) & 0x7FFFFFFF
-            segment, window = await self._segment(tree, traj, launch, f"arpo-{batch}-{key}", request_seed)
-            if segment is None:  # discarded while streaming: its slot went to a branch
+            # its slot; a speculative copy not yet placed is named after its parent): the request's seed depends on
+            # the rollout's seed and on nothing else, not even the batch.
+            owner = traj.slot if traj.slot >= 0 else f"{traj.parent}.{-traj.slot}"
+            key = f"{owner}-{traj.kind}-{len(traj.completion_ids)}"
+            request_seed = None if batch.seed is None else zlib.crc32(f"{batch.seed}-{key}".encode()) & 0x7FFFFFFF
+            segment, window = await self._segment(
+                batch, traj, f"arpo-{batch.number}-{key}", request_seed, copies, decided
+            )
+            copies, decided = None, None
+            if segment is None:  # discarded while streaming: its slot went to a branch, or no fork was decided
                 return
             calls = tree.absorb(traj, segment)
             if calls and tree.admit(traj, calls):
-                results = await self._run_tools(traj, calls, pool)
-                launch(tree.apply_results(traj, calls, results, window))
+                results = await self._run_tools(traj, calls, batch.pool)
+                batch.launch(tree.apply_results(traj, calls, results, window))
+                copies = self._speculate(batch, traj)
             # Only this trajectory changed (finished, or can no longer branch): its group's tree may no longer be
             # able to use its free slots. The other groups are filled when their own trajectories change.
-            launch(tree.fill([traj.group]))
+            batch.launch(tree.fill([traj.group]))
+
+    def _speculate(self, batch: _Batch, traj: Trajectory) -> _Copies | None:
+        """Start the speculative copies of `traj` at the tool result it now ends with (``speculative_forks``)."""
+        group = traj.group
+        budget = {group: batch.tree.pool.free(group) - batch.speculating.get(group, 0)}
+        copies = batch.tree.speculate(traj, budget)
+        if not copies:
+            return None
+        batch.speculating[group] = batch.speculating.get(group, 0) + len(copies)
+        speculation = _Copies(copies, asyncio.get_running_loop().create_future())
+        batch.launch(copies, speculation.decided)
+        return speculation
+
+    def _decide(self, batch: _Batch, traj: Trajectory, window: float | None, speculation: _Copies | None) -> None:
+        """Decide at `traj`'s pending tool result; start the forks, keep the speculative copies it took, and let the
+        others go (their requests are aborted)."""
+        copies = speculation.copies if speculation else []
+        forks = batch.tree.decide(traj, window, copies)
+        batch.launch([f for f in forks if all(f is not c for c in copies)])  # beyond the copies: start them now
+        if speculation is None:
+            return
+        for copy in copies:
+            if copy.slot < 0:  # not taken by the decision
+                copy.finish_reason = "discarded"
+                batch.tree.stats.discarded_forks += 1
+        batch.speculating[traj.group] -= len(copies)
+        speculation.decided.set_result(None)
 
     async def _run_tools(self, traj: Trajectory, calls: list[ToolCall], pool: ThreadPoolExecutor):
         toolsets = [self.toolset(traj)] * len(calls) if self.toolset else None
@@ -141,11 +195,18 @@ class AsyncTreeRollout(TreeDriver):
         return results
 
     async def _segment(
-        self, tree: RolloutTree, traj: Trajectory, launch, request_id: str, seed: int | None
+        self,
+        batch: _Batch,
+        traj: Trajectory,
+        request_id: str,
+        seed: int | None,
+        copies: _Copies | None,
+        decided: asyncio.Future | None,
     ) -> tuple[Segment | None, float | None]:
-        """Stream one segment of `traj`; decide at its pending tool result as soon as k tokens are in."""
-        k = self.s.entropy_window
-        need = tree.needs_entropy(traj)
+        """Stream one segment of `traj`; decide at its pending tool result as soon as k tokens are in. `copies`:
+        the speculative forks of that decision; `decided`: `traj` is such a copy, waiting for its parent's."""
+        tree, k = batch.tree, self.s.entropy_window
+        need = tree.needs_entropy(traj) and traj.slot >= 0  # a copy's window is never read: its parent decides
         measured = tree.room(traj) if self.measure_every_token else k  # tokens whose entropy is recorded
         exact = (need or self.measure_every_token) and self.entropy_estimator == "exact"
         top = TOP_K_CANDIDATES if (need or self.measure_every_token) and self.entropy_estimator == "top_k" else 0
@@ -155,7 +216,7 @@ class AsyncTreeRollout(TreeDriver):
         estimates: list[float] = []
         finish = "length"
         cached = 0
-        decided = not traj.awaiting_entropy
+        decision_pending = traj.awaiting_entropy
         window: float | None = None
         prefix = tree.prefix(traj)
         stream = self.engine.stream(
@@ -168,7 +229,7 @@ class AsyncTreeRollout(TreeDriver):
             seed=seed,
         )
         async for update in stream:
-            if traj.done:  # a branch reclaimed this speculative fresh rollout's slot: abort its request
+            if traj.done:  # a branch reclaimed this speculative fresh rollout's slot, or this copy was not kept
                 await stream.aclose()
                 if exact:
                     self.engine.forget([request_id])
@@ -180,10 +241,14 @@ class AsyncTreeRollout(TreeDriver):
             cached = max(cached, update.num_cached_tokens)  # reported with every update, not as a delta
             if update.finished:
                 finish = update.finish_reason or "length"
-            if need and not decided and (len(ids) >= k or update.finished):
+            if need and decision_pending and (len(ids) >= k or update.finished):
                 window = tree.window(await self._entropies(request_id, exact, estimates, len(ids)))
-                launch(tree.decide(traj, window))
-                decided = True
+                self._decide(batch, traj, window, copies)
+                decision_pending = False
+        if decided is not None:  # a speculative copy that sampled its segment before its parent's decision
+            await decided
+            if traj.done:
+                return None, None
         self.prompt_tokens += len(prefix)
         self.cached_tokens += cached
         if traj.kind == BRANCH and traj.fork_position == len(traj.completion_ids):
@@ -197,8 +262,8 @@ class AsyncTreeRollout(TreeDriver):
         if need:
             window = tree.window(entropies[: min(k, len(ids))])
             tree.record_initial(traj, window)
-        if not decided:  # awaiting a decision but nothing to measure (no free slot): record that it passed
-            launch(tree.decide(traj, None))
+        if decision_pending:  # awaiting a decision but nothing to measure (no free slot): record that it passed
+            self._decide(batch, traj, None, copies)
         return Segment(ids, entropies, finish, logprobs), window
 
     async def _entropies(self, request_id: str, exact: bool, estimates: list[float], count: int) -> list[float]:

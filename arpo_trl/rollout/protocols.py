@@ -65,6 +65,26 @@ class TagProtocol:
         return [{"role": "assistant", "content": text}] if conversational else text
 
 
+def tool_calls_of(message: dict) -> list[ToolCall]:
+    """The calls of a parsed assistant turn (TRL's `parse_response`). A malformed call becomes one whose result is
+    the error, so the model is told what was wrong; the turn's other calls still run."""
+    calls = []
+    for tool_call in message.get("tool_calls") or []:
+        tool_call = tool_call if isinstance(tool_call, dict) else {"type": type(tool_call).__name__}
+        function = tool_call.get("function")
+        function = function if isinstance(function, dict) else {}
+        name = function.get("name") or "unknown"
+        arguments = function.get("arguments")
+        if tool_call.get("type", "function") != "function":
+            error = f"Error: unsupported tool call type {tool_call.get('type')!r}."
+            calls.append(ToolCall(name, {}, parse_error=error))
+        elif not isinstance(arguments, dict):
+            calls.append(ToolCall(name, {}, parse_error=f"Error: arguments of {name!r} are not a JSON object."))
+        else:
+            calls.append(ToolCall(name, arguments))
+    return calls
+
+
 class ChatTemplateProtocol:
     stop_strings = None
 
@@ -91,20 +111,7 @@ class ChatTemplateProtocol:
         traj.messages.append(message)
         if segment.finish != "eos":
             return []
-        calls = []
-        for tool_call in message.get("tool_calls") or []:
-            function = tool_call.get("function", {}) if isinstance(tool_call, dict) else {}
-            name = function.get("name") or "unknown"
-            arguments = function.get("arguments")
-            if tool_call.get("type", "function") != "function":
-                calls.append(
-                    ToolCall(name, {}, parse_error=f"Error: unsupported tool call type {tool_call.get('type')!r}.")
-                )
-            elif not isinstance(arguments, dict):
-                calls.append(ToolCall(name, {}, parse_error=f"Error: arguments of {name!r} are not a JSON object."))
-            else:
-                calls.append(ToolCall(name, arguments))
-        return calls
+        return tool_calls_of(message)
 
     def result_ids(self, traj: Trajectory, calls: list[ToolCall], results: list[ToolResult]) -> list[int]:
         messages = [{"role": "tool", "name": c.name, "content": r.text} for c, r in zip(calls, results, strict=True)]

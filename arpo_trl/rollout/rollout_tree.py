@@ -250,7 +250,7 @@ class RolloutTree:
 
     def speculate(self, traj: Trajectory, budget: dict[int, int]) -> list[Trajectory]:
         """Speculative forks: copies of the state after tool result t for a row about to decide at t (at most the
-        group's remaining `budget`, which this consumes)."""
+        group's remaining `budget`, which this consumes). Until `decide` places them, copy i has slot −1 − i."""
         s = self.s
         if not (s.speculative_forks and s.branching and s.entropy_timing == "after_tool"):
             return []
@@ -258,7 +258,7 @@ class RolloutTree:
             return []
         count = min(s.branch_factor, budget.get(traj.group, 0))
         budget[traj.group] = budget.get(traj.group, 0) - count
-        return [traj.fork(-1) for _ in range(count)]
+        return [traj.fork(-1 - i) for i in range(count)]
 
     def absorb(self, traj: Trajectory, seg: Segment) -> list[ToolCall]:
         """Append a sampled segment; return its tool calls, or record why the trajectory ended."""

@@ -81,3 +81,29 @@ def test_real_rollout_forks_share_prefixes_and_keep_exactly_m(engine, tokenizer)
     assert len(rollout.fork_prefills) == stats.branches > 0
     for prompt_tokens, cached in rollout.fork_prefills:
         assert cached == (prompt_tokens - 1) // engine.block_size * engine.block_size  # every cacheable block
+
+
+def test_speculative_forks_on_the_real_engine_are_kept_or_aborted(engine, tokenizer):
+    """α = 1: every decision keeps its copy, which prefilled from the cache like any fork; α = 0: every copy is
+    aborted in the engine (no request left behind) and the group still ends with M trajectories."""
+    protocol = TagProtocol(tokenizer, ["calc"])
+    for alpha in (1.0, 0.0):
+        rollout = AsyncTreeRollout(
+            RolloutSettings(group_size=4, initial_rollouts=2, entropy_window=4, max_completion_length=64,
+                            speculative_forks=True),
+            engine, protocol, ToolExecutor([calc], timeout=10), BranchPolicy(alpha, 0.0, seed=0), len(tokenizer),
+            tokenizer.eos_token_id, stop=protocol.stop_strings,
+        )  # fmt: skip
+        trajs, stats = rollout.run([prompt_ids(tokenizer, 3, 4, 5)] * 4, seed=3)
+        assert [t.slot for t in trajs] == list(range(4)) and all(t.done for t in trajs)
+        assert stats.branches + stats.fresh == 2
+        assert engine._engine.output_processor.get_num_unfinished_requests() == 0
+        decisions = len(stats.branch_probabilities)
+        assert decisions > 0
+        if alpha == 1.0:
+            assert stats.branches == 2 and stats.discarded_forks == 0
+            for t in trajs[2:]:
+                assert t.completion_ids[: t.fork_position] == trajs[t.parent].completion_ids[: t.fork_position]
+            assert len(rollout.fork_prefills) == 2
+        else:
+            assert stats.branches == 0 and stats.discarded_forks == decisions and stats.fresh == 2
