@@ -1168,3 +1168,25 @@ def test_chat_protocol_answers_each_call_with_a_tool_turn_and_hands_rewards_the_
     assert notice == tool_suffix_ids(protocol.trainer, [traj.messages[-1]])
     assert protocol.completion(traj, conversational=True) is traj.messages
     assert protocol.completion(traj, conversational=False) == "x"
+
+
+# ---------------------------------------------------------------------------------------------- plain_text.py
+
+
+def test_trusted_pieces_keep_every_added_token_even_id_0_and_plain_runs_join_their_neighbours(tokenizer):
+    """SmolLM2's `<|endoftext|>` has id 0: a trusted piece keeps it live like any added token. The trusted text
+    after it and the plain piece that follows are tokenized as one run, as the whole text would be."""
+    from arpo_trl.rollout.plain_text import encode_pieces, encode_plain
+
+    assert tokenizer.convert_ids_to_tokens(0) == "<|endoftext|>"
+    ids = encode_pieces(tokenizer, [("a<|endoftext|>b", False), ("c<|im_end|>", True)])
+    assert ids == tokenizer.encode("a", add_special_tokens=False) + [0] + encode_plain(tokenizer, "bc<|im_end|>")
+    assert ids[-1] != tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_a_tool_message_without_content_renders_as_an_empty_one():
+    from arpo_trl.rollout.plain_text import tool_suffix_ids
+
+    protocol, _ = _chat_protocol()
+    empty = tool_suffix_ids(protocol.trainer, [{"role": "tool", "name": "calc", "content": ""}])
+    assert tool_suffix_ids(protocol.trainer, [{"role": "tool", "name": "calc"}]) == empty
