@@ -316,3 +316,16 @@ def test_training_goes_on_after_a_tool_prints_control_strings(tool_format, tool_
         assert control_ids(tok, env) == per_turn * results  # ...with no control token of its own
         assert mask[-1] == 1 or n == args.max_completion_length  # and the model went on after it
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.named_parameters())  # the step trained
+
+
+def test_the_tool_turn_follows_the_trainers_chat_template_kwargs():
+    """Qwen3's template reads `enable_thinking`: with it off, the generation prompt after the tool turn carries an
+    empty think block. The tool turn passes the trainer's `chat_template_kwargs` to the template, as TRL's does."""
+    tok = standin("qwen3")
+    trainer = fake_trainer(tok)
+    messages = [{"role": "tool", "name": "python", "content": "3"}]
+    thinking = tool_suffix_ids(trainer, messages)
+    trainer.chat_template_kwargs = {"enable_thinking": False}
+    not_thinking = tool_suffix_ids(trainer, messages)
+    assert not_thinking == GRPOTrainer._get_tool_suffix_ids(trainer, messages)
+    assert not_thinking != thinking and tok.decode(not_thinking).endswith("<think>\n\n</think>\n\n")
