@@ -62,7 +62,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
 # Benchmarks (bench/README.md): ARPO vs GRPO on the tiny fixtures (~3.5 min on 2 idle CPU cores), then ARPO on vLLM vs
-# GRPO on vLLM, TRL's vLLM GRPO and ARPO on transformers, demo model (~20 min); e.g. `make bench BENCH_ARGS="--steps 20"`.
+# GRPO on vLLM, TRL's vLLM GRPO, ARPO on transformers and a slow tool, demo model (~25 min); e.g. `make bench BENCH_ARGS="--steps 20"`.
 .PHONY: bench
 BENCH_ARGS ?=
 BENCH_VLLM_ARGS ?=

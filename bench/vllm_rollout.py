@@ -11,6 +11,8 @@ The demo's real model (SmolLM2-135M-Instruct after `make demo`'s cold start), it
                     parses chat-template calls; the demo model writes inline <python> calls): generation only.
     arpo-hf         ARPOTrainer on transformers `generate` (the round driver)
     arpo-vllm-slow  arpo-vllm with a tool that sleeps --tool-sleep seconds before running the real interpreter
+    grpo-vllm-slow  grpo-vllm with that slow tool (with --tool-workers: a tool that takes so many calls at once,
+                    such as a rate-limited search API)
 
 Each variant runs in its own process (one vLLM engine at a time, nothing left behind), one after another.
 
@@ -64,6 +66,7 @@ VARIANTS = {
     "trl-grpo-vllm": "TRL GRPOTrainer, vLLM colocate (no tools)",
     "arpo-hf": "ARPO, transformers (round driver)",
     "arpo-vllm-slow": "ARPO, vLLM, tool +{sleep:g} s",
+    "grpo-vllm-slow": "GRPO, vLLM, tool +{sleep:g} s",
 }
 
 # Figures per step (keys of a step record) and how the report shows them.
@@ -142,9 +145,9 @@ def build_trainer(variant: str, opts, out_dir: str):
         return TimedTRLGRPO(
             model=model, reward_funcs=[reward], args=args, train_dataset=dataset, processing_class=tokenizer,
         )  # fmt: skip
-    slow = variant == "arpo-vllm-slow"
+    slow = variant.endswith("-slow")
     tool = SleepyPython(opts.tool_sleep, timeout=10) if slow else PythonInterpreter(timeout=10)
-    grpo = variant == "grpo-vllm"
+    grpo = variant.startswith("grpo-vllm")
     args = ARPOConfig(
         **common,
         max_tool_calling_iterations=opts.max_tool_calls,
@@ -155,6 +158,7 @@ def build_trainer(variant: str, opts, out_dir: str):
         rollout_fill=opts.rollout_fill,
         speculative_forks=opts.speculative_forks,
         tool_timeout=30,
+        tool_max_workers=opts.tool_workers,
         use_vllm=variant != "arpo-hf",
         vllm_mode="colocate",
     )
@@ -334,8 +338,8 @@ def ratio(a: dict, b: dict, key: str) -> float | None:
 
 def assess(med: dict, opts) -> tuple[dict, list[tuple[str, str, str]]]:
     """The ratios and the issue's targets (figures, not assertions)."""
-    arpo, grpo, trl, hf, slow = (med.get(v, {}) for v in ("arpo-vllm", "grpo-vllm", "trl-grpo-vllm", "arpo-hf",
-                                                          "arpo-vllm-slow"))  # fmt: skip
+    arpo, grpo, trl, hf, slow, grpo_slow = (med.get(v, {}) for v in ("arpo-vllm", "grpo-vllm", "trl-grpo-vllm",
+                                                                     "arpo-hf", "arpo-vllm-slow", "grpo-vllm-slow"))  # fmt: skip
     r = {
         "arpo_vllm_over_grpo_vllm_rollout": ratio(arpo, grpo, "rollout_s"),
         "arpo_vllm_over_trl_grpo_vllm_rollout": ratio(arpo, trl, "rollout_s"),
@@ -344,6 +348,7 @@ def assess(med: dict, opts) -> tuple[dict, list[tuple[str, str, str]]]:
         "arpo_hf_over_arpo_vllm_step": ratio(hf, arpo, "step_s"),
         "arpo_vllm_over_grpo_vllm_sampled_tokens": ratio(arpo, grpo, "sampled_tokens"),
         "arpo_vllm_over_grpo_vllm_tool_executions": ratio(arpo, grpo, "tool_executions"),
+        "arpo_over_grpo_rollout_slow_tool": ratio(slow, grpo_slow, "rollout_s"),
     }
     if slow and arpo:
         r["slow_tool_rollout_growth_s"] = slow["rollout_s"] - arpo["rollout_s"]
@@ -444,7 +449,8 @@ def parse_args(argv=None):
     p.add_argument("--entropy-window", type=int, default=20, help="k")
     p.add_argument("--rollout-fill", default="fresh", help="ARPO's rollout_fill (fresh, speculative, ...)")
     p.add_argument("--speculative-forks", action="store_true", help="ARPO's speculative_forks=True")
-    p.add_argument("--tool-sleep", type=float, default=1.0, help="seconds the slow tool waits (arpo-vllm-slow)")
+    p.add_argument("--tool-sleep", type=float, default=1.0, help="seconds the slow tool waits (the -slow variants)")
+    p.add_argument("--tool-workers", type=int, default=16, help="tool calls run at once (ARPOConfig.tool_max_workers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="a model directory or embedded:NAME instead of the demo's cold start")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads (trainer)")
@@ -500,7 +506,8 @@ def main(argv=None) -> dict:
                 f"{opts.num_generations}, N={opts.initial_rollouts}, {opts.prompts_per_step} prompts/step, "
                 f"{opts.steps} steps, max_completion_length={opts.max_completion_length}, "
                 f"max_tool_calling_iterations={opts.max_tool_calls}, rollout_fill={opts.rollout_fill}, "
-                f"speculative_forks={opts.speculative_forks}, α={opts.alpha}, β={opts.beta}, "
+                f"speculative_forks={opts.speculative_forks}, tool_max_workers={opts.tool_workers}, "
+                f"tool +{opts.tool_sleep:g} s in the -slow variants, α={opts.alpha}, β={opts.beta}, "
                 f"k={opts.entropy_window}, lr={opts.learning_rate}, seed={opts.seed}, float32, variants in turn, "
                 "each in its own process"
             ),
