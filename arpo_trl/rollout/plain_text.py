@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 
 def _backend(tokenizer: Any) -> Any:
-    return getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    """The `tokenizers` tokenizer behind a fast tokenizer (None for a pure-Python or SentencePiece one)."""
+    return getattr(tokenizer, "backend_tokenizer", None)
 
 
 def added_token_ids(tokenizer: Any) -> frozenset[int]:
@@ -34,8 +35,9 @@ def added_token_ids(tokenizer: Any) -> frozenset[int]:
 def encode_plain(tokenizer: Any, text: str) -> list[int]:
     """`text`'s ids with no added token recognised (no BOS/EOS added either)."""
     backend = _backend(tokenizer)
-    if backend is None or not hasattr(backend, "model"):
-        # A tokenizer without a `tokenizers` backend: the closest it offers (special tokens split as text).
+    if backend is None:
+        # No `tokenizers` backend: the closest such a tokenizer offers (a pure-Python one then splits every added
+        # token as text, special or not).
         return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
     if backend.normalizer is not None:
         text = backend.normalizer.normalize_str(text)
@@ -57,6 +59,11 @@ def encode_pieces(tokenizer: Any, pieces: list[tuple[str, bool]]) -> list[int]:
     plain text gets none. Text either side of an added token is tokenized as one run, plain and trusted parts
     together, exactly as the tokenizer tokenizes the whole text when the plain parts hold no control strings."""
     backend = _backend(tokenizer)
+    if backend is None:  # no offsets to split at: each piece on its own (a boundary may tokenize differently)
+        pieces_ids: list[int] = []
+        for text, plain in pieces:
+            pieces_ids += encode_plain(tokenizer, text) if plain else tokenizer.encode(text, add_special_tokens=False)
+        return pieces_ids
     added = added_token_ids(tokenizer)
     runs: list[int | str] = []  # an added token's id, or text to tokenize plainly
     for text, plain in pieces:
