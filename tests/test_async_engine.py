@@ -60,7 +60,9 @@ class ScriptedEngine:
         self.finished_at = {}
 
     def run(self, coro):
-        return asyncio.run(coro)
+        # A driver bug that leaves a coroutine waiting forever fails the test instead of hanging it (and a mutant
+        # that does so is killed, not left for a limit that counts CPU seconds).
+        return asyncio.run(asyncio.wait_for(coro, timeout=60))
 
     async def stream(self, request_id, prompt_ids, max_tokens, stop, entropy_tokens=0, top_logprobs=0, seed=None):
         self.requests.append((request_id, list(prompt_ids), entropy_tokens, time.monotonic()))
@@ -292,6 +294,38 @@ def test_a_groups_speculative_copies_never_outnumber_its_free_slots(tokenizer):
     trajs, stats = speculative_rollout(tokenizer, engine, m=3, n=2, z=2, alpha=1.0)
     assert engine.most_copies_live == 1
     assert stats.branches == 1 and stats.discarded_forks == 0 and [t.kind for t in trajs] == ["root", "root", "branch"]
+
+
+def test_a_copy_that_ends_its_segment_first_waits_for_the_decision_before_its_tool_runs(tokenizer):
+    """Copies stream at once, parents slowly: each copy has its whole segment (ending in a call) before its parent
+    has the k tokens to decide. It must wait: α = 0 discards every copy, so no copy's call may have run."""
+
+    class FastCopies(CopyWatcher):
+        async def stream(self, request_id, *args, **kwargs):
+            self.delay = 0.0 if "." in request_id else 0.005
+            async for update in super().stream(request_id, *args, **kwargs):
+                yield update
+
+    engine = FastCopies(tokenizer, calls=2)
+    trajs, stats = speculative_rollout(tokenizer, engine, m=4, n=2, alpha=0.0)
+    copies = [r[0] for r in engine.requests if "." in r[0]]
+    assert stats.discarded_forks == len(copies) == 4 and stats.branches == 0  # 2 roots × 2 results
+    assert all(c in engine.finished_at for c in copies)  # each copy streamed its whole segment first
+    # Only the kept trajectories' calls ran: 2 per root, 2 per fresh rollout.
+    assert stats.tool_executions == sum(tokenizer.decode(t.completion_ids).count("<result>") for t in trajs) == 8
+
+
+@pytest.mark.parametrize("m, n, calls, most, copies", [(5, 3, 1, 2, 2), (2, 1, 2, 1, 2)])
+def test_the_groups_copy_budget_counts_every_copy_still_waiting_and_frees_them_at_the_decision(
+    tokenizer, m, n, calls, most, copies
+):
+    """M = 5, N = 3: three roots reach their first result together with 2 free slots; the third gets no copy.
+    M = 2, N = 1, α = 0: the root decides at two results in turn; the first decision frees its copy's share of the
+    budget, so the second gets a copy too."""
+    engine = CopyWatcher(tokenizer, calls=calls, delay=0.001)
+    _, stats = speculative_rollout(tokenizer, engine, m=m, n=n, alpha=0.0)
+    assert engine.most_copies_live == most
+    assert len([r for r in engine.requests if "." in r[0]]) == copies == stats.discarded_forks
 
 
 def test_a_slow_tool_does_not_stall_other_trajectories(tokenizer):
