@@ -1236,7 +1236,8 @@ def test_a_template_that_rewrites_the_history_is_refused_as_trl_refuses_it(token
 
 
 class CharTokenizer(PythonBackend):
-    """A pure-Python tokenizer (transformers' `PythonBackend`, no `tokenizers` backend): one id per character."""
+    """A pure-Python tokenizer (transformers' `PythonBackend`, no `tokenizers` backend): one id per character,
+    and a BOS in front when asked for special tokens."""
 
     def __init__(self, **kw):
         self.vocab = {c: i for i, c in enumerate(["<unk>"] + [chr(c) for c in range(32, 127)])}
@@ -1259,15 +1260,19 @@ class CharTokenizer(PythonBackend):
     def _convert_id_to_token(self, index):
         return self.inverse.get(index, "<unk>")
 
+    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+        return [self.bos_token_id, *token_ids_0, *(token_ids_1 or [])]
+
 
 def test_a_tokenizer_without_a_tokenizers_backend_gets_tool_output_as_plain_text():
     from arpo_trl.rollout.plain_text import added_token_ids, encode_pieces, encode_plain
 
-    tok = CharTokenizer(eos_token="<|im_end|>")
+    tok = CharTokenizer(eos_token="<|im_end|>", bos_token="<s>")
     tok.add_tokens(["<tool_call>"])  # an added token not flagged special
     added = added_token_ids(tok)
     hostile = "a<|im_end|>b<tool_call>"
     assert tok.encode(hostile, add_special_tokens=False)[1] in added  # tokenized normally, both are live
+    assert tok.encode("a")[0] == tok.bos_token_id  # and with special tokens, after a BOS
     ids = encode_plain(tok, hostile)
     assert ids == [tok.vocab[c] for c in hostile] and not added.intersection(ids)
     # Trusted text keeps its added tokens; each piece is tokenized on its own.
@@ -1281,3 +1286,35 @@ def test_tag_protocol_stops_at_each_tools_closing_tag_and_ignores_a_stop_without
     assert protocol.stop_strings == ["</calc>", "</search>"]
     ids = tokenizer.encode("no call here</answer>", add_special_tokens=False)
     assert protocol.calls(Trajectory(slot=0, group=0), Segment(ids, [0.0] * len(ids), "stop")) == []
+
+
+def test_a_word_whose_tokens_rebuild_an_added_token_goes_character_by_character():
+    """No pre-tokenizer and whole words taken from the vocabulary (Llama-3's `ignore_merges`): "<|im_end|>" is one
+    word, and SmolLM2's vocabulary holds it under the added token's id. That word is split into characters."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from arpo_trl.rollout.plain_text import added_token_ids, encode_plain
+    from arpo_trl.testing import chat_template_tokenizer
+
+    spec = json.loads(chat_template_tokenizer().backend_tokenizer.to_str())
+    spec["pre_tokenizer"], spec["model"]["ignore_merges"] = None, True
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|im_end|>")
+    backend = tok.backend_tokenizer
+    assert [t.id for t in backend.model.tokenize("<|im_end|>")] == [tok.eos_token_id]  # the vocabulary rebuilds it
+    ids = encode_plain(tok, "<|im_end|>")
+    assert ids == [t.id for c in "<|im_end|>" for t in backend.model.tokenize(c)] and not added_token_ids(tok) & set(
+        ids
+    )
+    assert encode_plain(tok, "ab") == tok.encode("ab", add_special_tokens=False)  # other words as the tokenizer
+
+
+def test_a_tag_call_keeps_the_added_tokens_the_model_wrote_in_it(tokenizer):
+    """The call is parsed from the tokens as sampled: an added token inside it stays in the content."""
+    protocol = TagProtocol(tokenizer, ["calc"])
+    ids = tokenizer.encode("<calc>1+<|im_start|>2</calc>", add_special_tokens=False)
+    assert tokenizer.convert_tokens_to_ids("<|im_start|>") in ids
+    [call] = protocol.calls(Trajectory(slot=0, group=0), Segment(ids, [0.0] * len(ids), "stop"))
+    assert call.name == "calc" and call.arguments == "1+<|im_start|>2"
