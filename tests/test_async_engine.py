@@ -124,6 +124,19 @@ def canonical(trajs, m):
     return [sorted(g) for _, g in sorted(groups.items())]
 
 
+def assert_forks_share_their_parents_prefix(tok, trajs, results=None):
+    """Every branch holds its parent's tokens exactly up to its fork, which follows a tool result; with `results`,
+    it ended with EOS after that many results."""
+    by_slot = {t.slot: t for t in trajs}
+    for t in trajs:
+        if t.kind == "branch":
+            parent, cut = by_slot[t.parent], t.fork_position
+            assert t.completion_ids[:cut] == parent.completion_ids[:cut]
+            assert tok.decode(t.completion_ids[:cut]).endswith("</result>")
+            if results is not None:
+                assert t.finish_reason == "eos" and tok.decode(t.completion_ids).count("<result>") == results
+
+
 def same_slots(a, b):
     assert [(t.slot, t.kind, t.completion_ids, t.tool_mask, t.finish_reason) for t in a] == [
         (t.slot, t.kind, t.completion_ids, t.tool_mask, t.finish_reason) for t in b
@@ -163,11 +176,7 @@ def test_forced_branching_keeps_exactly_m_and_shares_prefixes(tokenizer, fill, m
     _, (trajs, stats) = both(tokenizer, m=m, n=n, branch_factor=z, alpha=1.0, rollout_fill=fill)
     assert [t.slot for t in trajs] == list(range(2 * m)) and all(t.done for t in trajs)
     assert all(t.finish_reason != "discarded" for t in trajs)
-    for t in trajs:
-        if t.kind == "branch":
-            parent = trajs[t.parent]
-            assert t.completion_ids[: t.fork_position] == parent.completion_ids[: t.fork_position]
-            assert tokenizer.decode(t.completion_ids[: t.fork_position]).endswith("</result>")
+    assert_forks_share_their_parents_prefix(tokenizer, trajs)
     if fill != "sequential":  # sequential roots may branch too: every free slot goes to the trees
         assert stats.branches + stats.fresh == 2 * (m - n)
 
@@ -263,12 +272,7 @@ def test_speculative_copies_are_kept_iff_the_decision_forks_and_the_others_abort
     # A discarded copy's request was closed before it ended (its segment is longer than the parent's k tokens).
     discarded = [c for c in copies if c not in engine.finished_at]
     assert len(discarded) == stats.discarded_forks
-    for t in trajs:
-        if t.kind == "branch":
-            parent, cut = trajs[t.parent], t.fork_position
-            assert t.completion_ids[:cut] == parent.completion_ids[:cut]
-            assert tokenizer.decode(t.completion_ids[:cut]).endswith("</result>")
-            assert t.finish_reason == "eos" and tokenizer.decode(t.completion_ids).count("<result>") == 2
+    assert_forks_share_their_parents_prefix(tokenizer, trajs, results=2)
     if alpha == 0.0:
         assert stats.branches == 0 and stats.discarded_forks == len(copies) == len(stats.branch_probabilities) > 0
     if alpha == 1.0:

@@ -4,6 +4,7 @@ import random
 import threading
 
 import pytest
+from test_async_engine import assert_forks_share_their_parents_prefix
 
 from arpo_trl.rollout.branching import BranchPolicy
 from arpo_trl.rollout.engine import RolloutSettings, Segment, TreeRollout
@@ -289,13 +290,7 @@ def test_speculative_forks_sample_in_the_parents_round_and_keep_only_decided_for
     assert gen.call_log[1] == 2 * groups * n
     decisions = len(stats.branch_probabilities)
     assert stats.discarded_forks == decisions - stats.branches  # Z = 1: one copy per decision, kept iff forked
-    by_slot = {t.slot: t for t in trajs}
-    for t in trajs:
-        if t.kind == "branch":
-            parent, cut = by_slot[t.parent], t.fork_position
-            assert t.completion_ids[:cut] == parent.completion_ids[:cut]
-            assert tokenizer.decode(t.completion_ids[:cut]).endswith("</result>")
-            assert t.finish_reason == "eos" and tokenizer.decode(t.completion_ids).count("<result>") == 2
+    assert_forks_share_their_parents_prefix(tokenizer, trajs, results=2)
     if alpha == 1.0:
         assert stats.branches == groups * (m - n) and stats.fresh == 0
     if alpha == 0.0:
