@@ -1318,3 +1318,26 @@ def test_a_tag_call_keeps_the_added_tokens_the_model_wrote_in_it(tokenizer):
     assert tokenizer.convert_tokens_to_ids("<|im_start|>") in ids
     [call] = protocol.calls(Trajectory(slot=0, group=0), Segment(ids, [0.0] * len(ids), "stop"))
     assert call.name == "calc" and call.arguments == "1+<|im_start|>2"
+
+
+# ---------------------------------------------------------------------------------------------- generation.py
+
+
+def test_a_left_padded_batch_generates_what_each_row_generates_alone(tokenizer):
+    """Greedy, rows of different lengths and budgets (one past `generate`'s default of 20 tokens): the padding
+    and its attention mask change nothing, each row gets its own budget, and the generator counts its calls."""
+    from arpo_trl.rollout.generation import TransformersGenerator
+    from arpo_trl.testing import build_tiny_model
+
+    model = build_tiny_model(tokenizer, seed=3).eval()
+    generator = TransformersGenerator.for_model(model, tokenizer, None, temperature=0.0)
+    try:
+        prompts = [tokenizer.encode("Add 3, 4 and 5, then twice that."), tokenizer.encode("Add 1.")]
+        budgets = [30, 7]
+        batched = generator(prompts, budgets)
+        alone = [generator([p], [b])[0] for p, b in zip(prompts, budgets)]
+        assert [s.ids for s in batched] == [s.ids for s in alone]
+        assert [len(s.ids) for s in batched] == [30, 7] and [s.finish for s in batched] == ["length", "length"]
+        assert generator([], []) == [] and (generator.calls, generator.idle_calls) == (3, 0)
+    finally:
+        generator.close()
