@@ -1341,3 +1341,75 @@ def test_a_left_padded_batch_generates_what_each_row_generates_alone(tokenizer):
         assert generator([], []) == [] and (generator.calls, generator.idle_calls) == (3, 0)
     finally:
         generator.close()
+
+
+@pytest.mark.parametrize(
+    "temperature, top_p, top_k, sampled", [(0.7, 0.9, 5, True), (0.0, 0.9, 5, False), (1.0, 1.0, 0, True)]
+)
+def test_plain_model_sampling_config(tokenizer, temperature, top_p, top_k, sampled):
+    """The analyser's sampling settings: filters only when sampling; EOS ids of the model and the tokenizer, each
+    once; the pad id the tokenizer's (else the first EOS)."""
+    from arpo_trl.rollout.generation import PlainModel
+    from arpo_trl.testing import build_tiny_model
+
+    model = build_tiny_model(tokenizer, seed=3)
+    model.generation_config.eos_token_id = [7, tokenizer.eos_token_id]
+    config = PlainModel.sampling(model, tokenizer, temperature, top_p, top_k)
+    assert config.do_sample is sampled
+    if sampled:
+        assert (config.temperature, config.top_p, config.top_k) == (temperature, top_p, top_k)
+    else:
+        assert (config.temperature, config.top_p, config.top_k) == (None, None, None)
+    assert config.eos_token_id == [7, tokenizer.eos_token_id] and config.pad_token_id == tokenizer.pad_token_id
+    source = PlainModel(model, tokenizer, config)
+    assert (source.eos_token_ids, source.pad_token_id, source.model, source.tokenizer) == (
+        [7, tokenizer.eos_token_id], tokenizer.pad_token_id, model, tokenizer
+    )  # fmt: skip
+
+
+def test_plain_model_sampling_adds_the_tokenizers_eos_and_pads_with_the_first_without_a_pad(tokenizer):
+    import copy
+
+    from arpo_trl.rollout.generation import PlainModel
+    from arpo_trl.testing import build_tiny_model
+
+    model = build_tiny_model(tokenizer, seed=3)
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = None
+    model.generation_config.eos_token_id = 9
+    config = PlainModel.sampling(model, tok, 1.0)
+    assert config.eos_token_id == [9, tok.eos_token_id] and config.pad_token_id == 9
+    assert PlainModel(model, tok, config).eos_token_ids == [9, tok.eos_token_id]
+    model.generation_config.eos_token_id = None
+    tok.eos_token = None
+    with pytest.raises(ValueError, match="^the model and its tokenizer name no EOS token: generation would never end$"):
+        PlainModel.sampling(model, tok, 1.0)
+    model.generation_config = None
+    with pytest.raises(ValueError, match="name no EOS token"):
+        PlainModel.sampling(model, tok, 1.0)
+
+
+@pytest.mark.parametrize("temperature, recorded", [(0.7, 0.7), (0.0, 1.0)])
+def test_for_model_hooks_a_recorder_at_the_sampling_temperature_and_close_removes_it(tokenizer, temperature, recorded):
+    from arpo_trl.rollout.generation import TransformersGenerator
+    from arpo_trl.testing import build_tiny_model
+
+    model = build_tiny_model(tokenizer, seed=3)
+    head = model.get_output_embeddings()
+    generator = TransformersGenerator.for_model(model, tokenizer, ["</calc>"], temperature=temperature,
+                                                entropy_estimator="top_k")  # fmt: skip
+    r = generator.recorder
+    assert (r.temperature, r.logit_scale, r.softcap, r.estimator) == (recorded, 1.0, None, "top_k")
+    assert generator.measure_every_token is True and generator.stop_strings == ["</calc>"]
+    assert generator.source.generation_config.do_sample is (temperature > 0)
+    assert head._forward_hooks or head._forward_pre_hooks
+    generator.close()
+    assert not head._forward_hooks and not head._forward_pre_hooks and generator._hooks == []
+    default = TransformersGenerator.for_model(model, tokenizer, None, measure_every_token=False)
+    assert (default.recorder.temperature, default.recorder.estimator, default.measure_every_token) == (
+        1.0,
+        "exact",
+        False,
+    )
+    assert default.stop_strings is None and default.stop_criterion is None
+    default.close()
