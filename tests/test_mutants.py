@@ -1413,3 +1413,34 @@ def test_for_model_hooks_a_recorder_at_the_sampling_temperature_and_close_remove
     )
     assert default.stop_strings is None and default.stop_criterion is None
     default.close()
+
+
+def test_entropies_only_for_the_rows_that_need_them_and_segments_cut_at_their_first_stop(tokenizer, tool_model_state):
+    """Greedy on the calc-tool model: row 1 needs no entropy (NaN), row 0 does (finite). With the stop string
+    `</calc>`, each row is cut right after its first call, with finish "stop"."""
+    from arpo_trl.rollout.generation import TransformersGenerator
+    from arpo_trl.testing import build_tiny_model
+
+    model = build_tiny_model(tokenizer, seed=0)
+    model.load_state_dict(tool_model_state)
+    model.eval()
+    prompts = [tokenizer.encode("Add 3, 4 and 5."), tokenizer.encode("Add 1 and 2, then 7.")]
+    plain = TransformersGenerator.for_model(model, tokenizer, None, temperature=0.0, measure_every_token=False)
+    try:
+        free = plain(prompts, [40, 40], [True, False])
+        assert all(math.isfinite(e) for e in free[0].entropies) and all(math.isnan(e) for e in free[1].entropies)
+        every = plain(prompts, [40, 40])  # None: every row
+        assert all(math.isfinite(e) for s in every for e in s.entropies)
+        assert [s.ids for s in every] == [s.ids for s in free]
+    finally:
+        plain.close()
+    stopping = TransformersGenerator.for_model(model, tokenizer, ["</calc>"], temperature=0.0)
+    try:
+        cut = stopping(prompts, [40, 40])
+    finally:
+        stopping.close()
+    for whole, segment in zip(free, cut):
+        text = tokenizer.decode(whole.ids)
+        assert "</calc>" in text
+        first = next(n for n in range(1, len(whole.ids) + 1) if "</calc>" in tokenizer.decode(whole.ids[:n]))
+        assert segment.ids == whole.ids[:first] and segment.finish == "stop"
