@@ -502,7 +502,7 @@ def test_can_still_branch(done, room, rounds, awaiting, expected):
     assert tree.can_still_branch(root) is expected
 
 
-@pytest.mark.parametrize("budget, expected", [({0: 3}, 2), ({0: 1}, 1), ({0: 0}, 0), ({}, 0)])
+@pytest.mark.parametrize("budget, expected", [({0: 3}, 2), ({0: 1}, 1), ({0: 0}, 0), ({}, 0), ({0: -1}, 0)])
 def test_speculate_makes_at_most_z_copies_within_the_groups_budget(budget, expected):
     tree, _ = make_tree(branch_factor=2, speculative_forks=True, max_completion_length=10)
     root = decided_root(tree)

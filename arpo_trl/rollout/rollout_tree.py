@@ -256,7 +256,7 @@ class RolloutTree:
             return []
         if not (traj.awaiting_entropy and traj.can_branch and traj.h_initial is not None and self.room(traj) > 0):
             return []
-        count = min(s.branch_factor, budget.get(traj.group, 0))
+        count = max(0, min(s.branch_factor, budget.get(traj.group, 0)))  # the asynchronous driver's may be < 0
         budget[traj.group] = budget.get(traj.group, 0) - count
         return [traj.fork(-1 - i) for i in range(count)]
 
