@@ -206,7 +206,7 @@ class AsyncTreeRollout(TreeDriver):
         """Stream one segment of `traj`; decide at its pending tool result as soon as k tokens are in. `copies`:
         the speculative forks of that decision; `decided`: `traj` is such a copy, waiting for its parent's."""
         tree, k = batch.tree, self.s.entropy_window
-        need = tree.needs_entropy(traj) and traj.slot >= 0  # a copy's window is never read: its parent decides
+        need = tree.needs_entropy(traj)
         measured = tree.room(traj) if self.measure_every_token else k  # tokens whose entropy is recorded
         exact = (need or self.measure_every_token) and self.entropy_estimator == "exact"
         top = TOP_K_CANDIDATES if (need or self.measure_every_token) and self.entropy_estimator == "top_k" else 0

@@ -97,7 +97,7 @@ class TreeRollout(TreeDriver):
             prepared = {id(t): tree.speculate(t, budget) for t in live}
             copies = [c for t in live for c in prepared[id(t)]]  # they share their parent's prefix
             rows = live + copies
-            needs = [tree.needs_entropy(t) for t in live] + [False] * len(copies)
+            needs = [tree.needs_entropy(t) for t in rows]
             segments = self.generate([tree.prefix(t) for t in rows], [tree.room(t) for t in rows], needs)
             sampled = {id(c): seg for c, seg in zip(copies, segments[len(live) :], strict=True)}
             forks: list[Trajectory] = []

@@ -172,6 +172,8 @@ class RolloutTree:
     def needs_entropy(self, traj: Trajectory) -> bool:
         """Will the window of `traj`'s next segment be read? (Free slots only ever decrease: no means never.)"""
         s = self.s
+        if traj.slot < 0:  # a speculative copy not yet placed: its parent decides, and it has no slot to freeze
+            return False
         if not (s.branching and traj.can_branch) or self.pool.free(traj.group) == 0:
             return False
         if s.initial_entropy == "frozen_per_slot" and traj.slot not in self.frozen_initial:
