@@ -279,19 +279,20 @@ def test_speculative_copies_are_kept_iff_the_decision_forks_and_the_others_abort
         assert stats.branches == m - n and stats.fresh == 0
 
 
-def test_a_speculative_copy_never_measures_nor_freezes_an_initial_entropy(tokenizer):
+@pytest.mark.parametrize("m, z", [(2, 1), (3, 2)])
+def test_a_speculative_copy_never_measures_nor_freezes_an_initial_entropy(tokenizer, m, z):
     """initial_entropy='frozen_per_slot' keys H_initial by slot: a copy not yet placed has none, so it must not
-    measure a window (nor freeze one under its placeholder slot)."""
+    measure a window (nor freeze one under its placeholder slot), however many copies the decision has."""
     engine, frozen = CopyWatcher(tokenizer, calls=1), {}
     protocol = TagProtocol(tokenizer, ["calc"])
     rollout = AsyncTreeRollout(
-        settings(2, 1, speculative_forks=True, initial_entropy="frozen_per_slot"), engine, protocol,
+        settings(m, 1, branch_factor=z, speculative_forks=True, initial_entropy="frozen_per_slot"), engine, protocol,
         ToolExecutor([calc], timeout=5), BranchPolicy(1.0, 0.0, seed=0), len(tokenizer), tokenizer.eos_token_id,
         stop=protocol.stop_strings, frozen_initial=frozen,
     )  # fmt: skip
-    _, stats = rollout.run([tokenizer.encode("Add 1 and 2.")] * 2)
-    assert stats.branches == 1 and sorted(frozen) == [0]
-    assert [r[2] for r in engine.requests if "." in r[0]] == [0]
+    _, stats = rollout.run([tokenizer.encode("Add 1 and 2.")] * m)
+    assert stats.branches == z and sorted(frozen) == [0]
+    assert [r[2] for r in engine.requests if "." in r[0]] == [0] * z
 
 
 def test_a_groups_speculative_copies_never_outnumber_its_free_slots(tokenizer):

@@ -651,12 +651,12 @@ def test_threshold_rule_defaults_to_one_half_and_unknown_rules_are_named():
 # ---------------------------------------------------------------------------------------------- engine.py (rounds)
 
 
-def _round_driver(tok, m, n, alpha=0.0, toolset=None, generator=None, **kw):
+def _round_driver(tok, m, n, alpha=0.0, toolset=None, generator=None, z=1, **kw):
     from test_engine import ScriptedGenerator
 
     from arpo_trl.rollout.engine import TreeRollout
 
-    s = RolloutSettings(group_size=m, initial_rollouts=n, branch_factor=1, entropy_window=4, max_completion_length=200,
+    s = RolloutSettings(group_size=m, initial_rollouts=n, branch_factor=z, entropy_window=4, max_completion_length=200,
                         **kw)  # fmt: skip
     return TreeRollout(
         s, generator or ScriptedGenerator(tok, calls=2), TagProtocol(tok, ["calc"]),
@@ -684,17 +684,18 @@ def test_the_round_driver_runs_each_trajectorys_calls_on_its_own_environment(tok
     assert sorted(seen) == [0, 0, 1, 1, 2, 2] and [e.count for e in envs] == [2, 2, 2]
 
 
-def test_speculative_forks_are_sampled_without_measuring_their_entropy(tokenizer):
+@pytest.mark.parametrize("m, z", [(2, 1), (3, 2)])
+def test_speculative_forks_are_sampled_without_measuring_their_entropy(tokenizer, m, z):
     """A speculative copy's window is never read (it is its parent's next segment, decided on the parent's):
-    its row asks the generator for no entropy."""
+    its row asks the generator for no entropy, however many copies the decision has."""
     from test_engine import ScriptedGenerator
 
     gen = ScriptedGenerator(tokenizer, calls=2)
-    _round_driver(tokenizer, m=2, n=1, alpha=1.0, generator=gen, speculative_forks=True).run(
-        [tokenizer.encode("Add 1 and 2.")] * 2
+    _round_driver(tokenizer, m=m, n=1, alpha=1.0, generator=gen, z=z, speculative_forks=True).run(
+        [tokenizer.encode("Add 1 and 2.")] * m
     )
-    assert gen.call_log[:2] == [1, 2]  # round 2: the root after its first result, and its speculative copy
-    assert gen.need_log[1] == [True, False]
+    assert gen.call_log[:2] == [1, 1 + z]  # round 2: the root after its first result, and its speculative copies
+    assert gen.need_log[1] == [True] + [False] * z
 
 
 def test_groups_do_not_slow_each_other_down(tokenizer):
