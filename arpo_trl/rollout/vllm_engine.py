@@ -102,8 +102,9 @@ class EntropyTable:
             self.counts[row] = position + 1
 
     def close(self, unlink: bool = False) -> None:
-        # The numpy views keep the buffer exported; drop them before closing the map.
-        del self.tags, self.counts, self.values
+        """Unmap the table and, with `unlink`, remove its file; closing again does nothing."""
+        # The numpy views keep the buffer exported; drop them before closing the map (closing a closed map is a no-op).
+        self.tags = self.counts = self.values = None
         try:
             self._map.close()
         except BufferError:  # a view still alive elsewhere: leave the map to the garbage collector
