@@ -48,6 +48,7 @@ def test_the_entropy_table_is_shared_through_its_file_and_sized_by_its_layout(tm
     worker.write(1, 7, 4, 9.0)  # past the width: ignored
     assert client.read(1, 10) == [0.5, 0.25, 1.5] and client.read(0, 10) == []
     worker.close()
+    assert os.path.exists(path)  # the worker's close leaves the file to its owner
     client.close(unlink=True)
     assert not os.path.exists(path)
     client.close(unlink=True)  # closed and gone already: nothing to do
@@ -93,7 +94,7 @@ def test_the_table_client_hands_out_rows_by_width_reuses_released_ones_and_unlin
     assert (tables.claim(65)[0].table, tables.claim(1)[0].table) == (wide.table, first.table)
     assert int(first.table.tags[0]) == 1
     tables.release(first)
-    assert int(first.table.tags[0]) == 0
+    assert int(first.table.tags[0]) == 0 and first.table.tags[1:3].tolist() == [3, 5]  # only its own row
     again, spec = tables.claim(5)
     assert (again.table, again.row, spec["tag"]) == (first.table, 0, 6)  # the freed row, a fresh tag
     for _ in range(256 - 3):  # fill the first table (rows 0, 1 and 2 are taken)
@@ -103,6 +104,61 @@ def test_the_table_client_hands_out_rows_by_width_reuses_released_ones_and_unlin
     paths = [t.path for t in tables.tables]
     tables.close()
     assert tables.tables == [] and tables.free == [] and not any(os.path.exists(p) for p in paths)
+
+
+def test_the_entropy_tables_file_layout_is_the_documented_one(tmp_path):
+    """Client and worker are separate processes that share only the file: int64 rows and width, int64 tags, int64
+    counts, then float32 values, row-major."""
+    import numpy as np
+
+    path = str(tmp_path / "t.entropy")
+    table = EntropyTable(path, rows=3, width=4)
+    table.claim(1, tag=7)
+    table.write(1, 7, 2, 0.5)
+    with open(path, "rb") as f:
+        raw = f.read()
+    assert np.frombuffer(raw, dtype="<i8", count=2).tolist() == [3, 4]
+    assert np.frombuffer(raw, dtype="<i8", count=3, offset=16).tolist() == [0, 7, 0]
+    assert np.frombuffer(raw, dtype="<i8", count=3, offset=40).tolist() == [0, 3, 0]
+    values = np.frombuffer(raw, dtype="<f4", count=12, offset=64).reshape(3, 4)
+    assert values.tolist() == [[0.0] * 4, [0.0, 0.0, 0.5, 0.0], [0.0] * 4]
+    table.close(unlink=True)
+
+
+@pytest.mark.parametrize("tokens, width", [(1, 64), (64, 64), (65, 128), (128, 128), (129, 256), (1000, 1024)])
+def test_a_new_table_is_the_next_power_of_two_wide_enough_and_at_least_64(tmp_path, tokens, width):
+    tables = _EntropyTables(str(tmp_path))
+    slot, _ = tables.claim(tokens)
+    assert slot.table.width == width
+    tables.close()
+
+
+def test_two_engines_in_one_process_get_tables_of_their_own(tmp_path):
+    first, second = _EntropyTables(str(tmp_path)), _EntropyTables(str(tmp_path))
+    a, spec_a = first.claim(8)
+    b, spec_b = second.claim(8)
+    assert spec_a["table"] != spec_b["table"] and (spec_a["row"], spec_b["row"]) == (0, 0)
+    first.close()
+    assert os.path.exists(spec_b["table"])
+    second.close()
+
+
+@pytest.mark.parametrize("find, available", [(None, False), ("namespace", False), ("module", True)])
+def test_vllm_available_asks_for_vllm_and_refuses_a_bare_namespace_package(monkeypatch, find, available):
+    """Under pytest, `tests/vllm` on sys.path is an empty namespace package named vllm: no origin."""
+    import importlib.machinery
+    import importlib.util
+
+    asked = []
+
+    def find_spec(name, *args):
+        asked.append(name)
+        if find is None:
+            return None
+        return importlib.machinery.ModuleSpec(name, None, origin=None if find == "namespace" else "/x/vllm/__init__.py")
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert vllm_available() is available and asked == ["vllm"]
 
 
 # ---------------------------------------------------------------------------------------------- engine process
@@ -313,3 +369,50 @@ def test_scaled_entropy_equals_the_distributions_entropy_per_row_with_masked_tok
     got = scaled_entropy(logits.clone(), scale).tolist()
     want = [reference_entropy(logits[i : i + 1] * scale[i], 1.0)[0] for i in range(4)]
     assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+@needs_vllm
+def test_the_processor_pairs_rows_by_batch_index_whatever_order_they_came_in(processor_and_table):
+    """Requests added at indices 0, 2, 1, 3 (in that order) fill a contiguous run: each must still get its own
+    row's entropy."""
+    processor, table, path = processor_and_table
+    order = [0, 2, 1, 3]
+    processor.update_state(_update(4, added=[(i, _params(1.0, _spec(path, i, 10 + i, tokens=4)), [1], [])
+                                             for i in order]))  # fmt: skip
+    logits = torch.randn(4, 40) * torch.tensor([[0.5], [1.0], [2.0], [4.0]])
+    processor.apply(logits)
+    for i in range(4):
+        assert table.read(i, 8) == pytest.approx(reference_entropy(logits[i : i + 1]), rel=1e-5, abs=1e-6), i
+    assert processor._table(path) is processor._table(path)  # each table file mapped once per worker
+
+
+@needs_vllm
+def test_the_processor_survives_moves_of_untracked_requests_and_drops_what_a_move_overwrites(processor_and_table):
+    from vllm.v1.sample.logits_processor import MoveDirectionality
+
+    processor, table, path = processor_and_table
+    processor.update_state(_update(4, added=[
+        (0, _params(1.0, _spec(path, 0, 10, tokens=4)), [1], []),
+        (1, _params(1.0), [1], []),  # not opted in
+        (2, _params(1.0, _spec(path, 2, 12, tokens=4)), [1], []),
+    ]))  # fmt: skip
+    processor.update_state(_update(4, moved=[(1, 3, MoveDirectionality.UNIDIRECTIONAL)]))  # untracked: no error
+    assert sorted(processor._rows) == [0, 2]
+    processor.update_state(_update(4, moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)]))  # overwrites index 0
+    assert sorted(processor._rows) == [0] and processor._rows[0].row == 2
+    logits = torch.randn(4, 40)
+    processor.apply(logits)
+    assert table.read(0, 8) == [] and table.read(2, 8) == pytest.approx(reference_entropy(logits[0:1]), abs=1e-6)
+    processor.update_state(_update(1, removed=[0]))
+    assert processor._rows == {}
+
+
+@needs_vllm
+def test_the_processor_adds_up_its_time(processor_and_table, monkeypatch):
+    from arpo_trl.rollout.vllm_worker import STATS
+
+    processor, _, path = processor_and_table
+    monkeypatch.setitem(STATS, "seconds", 100.0)
+    processor.update_state(_update(1, added=[(0, _params(1.0, _spec(path, 0, 10, tokens=4)), [1], [])]))
+    processor.apply(torch.randn(1, 40))
+    assert 100.0 < STATS["seconds"] < 160.0
