@@ -387,7 +387,7 @@ def test_the_processor_pairs_rows_by_batch_index_whatever_order_they_came_in(pro
 
 
 @needs_vllm
-def test_the_processor_survives_moves_of_untracked_requests_and_drops_what_a_move_overwrites(processor_and_table):
+def test_the_processor_survives_untracked_removals_and_moves_and_drops_what_a_move_overwrites(processor_and_table):
     from vllm.v1.sample.logits_processor import MoveDirectionality
 
     processor, table, path = processor_and_table
@@ -396,6 +396,7 @@ def test_the_processor_survives_moves_of_untracked_requests_and_drops_what_a_mov
         (1, _params(1.0), [1], []),  # not opted in
         (2, _params(1.0, _spec(path, 2, 12, tokens=4)), [1], []),
     ]))  # fmt: skip
+    processor.update_state(_update(4, removed=[3]))  # nothing tracked there: no error
     processor.update_state(_update(4, moved=[(1, 3, MoveDirectionality.UNIDIRECTIONAL)]))  # untracked: no error
     assert sorted(processor._rows) == [0, 2]
     processor.update_state(_update(4, moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)]))  # overwrites index 0
