@@ -70,8 +70,9 @@ bench: install
 	$(PY) bench/arpo_vs_grpo.py $(BENCH_ARGS)
 	$(PY) bench/vllm_rollout.py $(BENCH_VLLM_ARGS)
 
-# Mutation testing (tests/README.md, "Mutation testing"): mutmut over the model-free rollout core and the advantages
-# ([mutmut] in setup.cfg), each mutant against only the fast tests that reach it; not part of `make test` or CI.
+# Mutation testing (tests/README.md, "Mutation testing"): mutmut over the rollout core, the vLLM backend and the
+# advantages ([mutmut] in setup.cfg), each mutant against only the fast tests that reach it; not part of `make test`
+# or CI.
 # Niced (it takes the cores for a while); `make mutate MUTANTS="arpo_trl.advantages*"` runs a subset, and the results
 # are kept in mutants/ (`mutmut results`, `mutmut show NAME`). MUTATE_JOBS: parallel mutants. One OpenMP thread per
 # mutant: mutmut's limit counts CPU seconds, which spinning OpenMP threads burn without progress.
