@@ -29,26 +29,50 @@ def test_the_loop_thread_serves_other_threads_refuses_its_own_and_closes_after_s
         await asyncio.sleep(0)
         return value, threading.current_thread().name
 
-    assert loop.run(where(3)) == (3, "arpo-test-loop") and loop.running and not loop.in_loop()
+    assert loop.run(where(3), timeout=10) == (3, "arpo-test-loop") and loop.running and not loop.in_loop()
 
     async def from_inside():
         assert loop.in_loop()
-        return loop.run(where(1))
+        return loop.run(where(1), timeout=10)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(RuntimeError, match=r"^TestEngine\.run\(\) called from its own event loop: await the "):
-            loop.run(from_inside())
+            loop.run(from_inside(), timeout=10)
         with pytest.raises(TimeoutError):
             loop.run(asyncio.sleep(0.2), timeout=0.01)
-        loop.run(asyncio.sleep(0.3))  # the timed-out sleep ends meanwhile
+        loop.run(asyncio.sleep(0.3), timeout=10)  # the timed-out sleep ends meanwhile
         loop.stop(join_timeout=5)
         assert not loop.thread.is_alive() and loop.loop.is_closed() and not loop.running
         with pytest.raises(RuntimeError, match=r"^the TestEngine is shut down$"):
-            loop.run(where(2))
+            loop.run(where(2), timeout=10)
         loop.stop(join_timeout=5)  # again: nothing to do
         gc.collect()
     assert not [w for w in caught if "never awaited" in str(w.message)]  # refused coroutines are closed
+
+
+def test_stopping_a_loop_stuck_in_a_blocking_call_waits_only_the_join_timeout_and_leaves_it_open():
+    """A coroutine that blocks the loop's thread: `stop` must return after its join timeout, and must not close a
+    loop that still runs (asyncio refuses that); once the thread ends, a second `stop` closes it."""
+    import asyncio
+    import time
+
+    from arpo_trl.rollout.loop_thread import LoopThread
+
+    loop = LoopThread("arpo-test-stuck", "TestEngine")
+
+    async def blocking():
+        time.sleep(1.0)
+
+    asyncio.run_coroutine_threadsafe(blocking(), loop.loop)
+    time.sleep(0.1)  # the loop's thread is now inside time.sleep
+    start = time.monotonic()
+    loop.stop(join_timeout=0.05)
+    assert time.monotonic() - start < 0.8
+    assert loop.thread.is_alive() and not loop.loop.is_closed()
+    loop.thread.join(timeout=10)
+    loop.stop(join_timeout=5)
+    assert not loop.thread.is_alive() and loop.loop.is_closed()
 
 
 # ---------------------------------------------------------------------------------------------- vllm_weights.py
@@ -130,6 +154,7 @@ def test_an_exported_model_loads_back_as_the_merged_model_with_its_tokenizer_and
     assert "lm_head.weight" not in load_file(os.path.join(path, "model.safetensors"))  # tied: vLLM ties it back
     with open(os.path.join(path, "generation_config.json")) as f:
         assert json.load(f)["eos_token_id"] == merged.generation_config.eos_token_id
+    assert export_model(model, tokenizer, path) == path  # again, into the same directory (an engine restarting)
     loaded = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = torch.tensor([tokenizer.encode("Add 3, 4 and 5.")])
     with torch.no_grad():
@@ -150,6 +175,21 @@ def test_an_untied_models_export_keeps_its_lm_head(tokenizer, tmp_path):
     path = export_model(model, tokenizer, str(tmp_path / "untied"))
     assert torch.equal(load_file(os.path.join(path, "model.safetensors"))["lm_head.weight"], model.lm_head.weight)
     assert not os.path.exists(os.path.join(path, "generation_config.json"))
+
+
+def test_a_head_the_config_ties_is_left_out_of_the_export_even_when_it_is_a_tensor_of_its_own(tokenizer, tmp_path):
+    """vLLM ties the head back to the embedding whenever the config says so (a separate head tensor, e.g. a
+    trainable copy of it, would contradict the config)."""
+    from safetensors.torch import load_file
+
+    from arpo_trl.rollout.vllm_weights import export_model
+    from arpo_trl.testing import build_tiny_model
+
+    model = build_tiny_model(tokenizer, seed=5)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    assert model.config.tie_word_embeddings and "lm_head.weight" in dict(model.named_parameters())
+    saved = load_file(os.path.join(export_model(model, tokenizer, str(tmp_path / "tied")), "model.safetensors"))
+    assert "lm_head.weight" not in saved and "model.embed_tokens.weight" in saved
 
 
 def test_autocast_mismatch_names_the_autocast_dtype_only_over_float32_weights():
