@@ -259,3 +259,30 @@ def test_a_servers_stop_is_a_stop_string_only_when_it_names_one(stop_reason, our
 
     choice = {"token_ids": [5], "finish_reason": "stop", "stop_reason": stop_reason}
     assert _to_update(choice, top_logprobs=0, cached=0).finish_reason == ours
+
+
+def test_under_zero3_every_parameter_is_gathered_in_one_call_for_the_export(tokenizer, tmp_path, monkeypatch):
+    """All ranks enter one `GatheredParameters` over every parameter (read-only), for the weights and the export
+    alike. Here the parameters are not partitioned, so the real call is a no-op that can be watched."""
+    import deepspeed
+
+    from arpo_trl.rollout.vllm_weights import export_model, training_weights
+
+    real, calls = deepspeed.zero.GatheredParameters, []
+
+    def watched(params, modifier_rank=None, **kwargs):
+        calls.append((list(params), modifier_rank))
+        return real(params, modifier_rank=modifier_rank, **kwargs)
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", watched)
+    model = _lora_model(tokenizer)
+    everything = list(model.parameters())
+    with training_weights(model, zero3=True):
+        pass
+    export_model(model, tokenizer, str(tmp_path / "zero3"), zero3=True)
+    assert len(calls) == 2 and all(modifier is None for _, modifier in calls)
+    assert [[id(p) for p in params] for params, _ in calls] == [[id(p) for p in everything]] * 2
+    export_model(model, tokenizer, str(tmp_path / "plain"))
+    with training_weights(model):
+        pass
+    assert len(calls) == 2  # nothing gathered without ZeRO-3
