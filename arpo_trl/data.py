@@ -76,10 +76,9 @@ def to_conversational(
 
 def reasoning_gym_dataset(task: str, size: int, seed: int = 0) -> Dataset:
     """`size` generated problems of a reasoning-gym task, as question/answer rows."""
-    try:
-        import reasoning_gym
-    except ImportError as exc:  # pragma: no cover - installed by make install
-        raise ImportError("reasoning_gym:<task> datasets need `pip install reasoning-gym==0.1.25`") from exc
+    from .extras import require
+
+    reasoning_gym = require("reasoning_gym")
     generated = reasoning_gym.create_dataset(task, size=size, seed=seed)
     return Dataset.from_list([{"question": item["question"], "answer": str(item["answer"])} for item in generated])
 

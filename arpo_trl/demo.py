@@ -52,8 +52,11 @@ DEMO_SYSTEM_PROMPT = (
 
 def arithmetic(size: int, seed: int):
     """reasoning-gym arithmetic without division (so Python's printed value is the gold answer)."""
-    import reasoning_gym
     from datasets import Dataset
+
+    from .extras import require
+
+    reasoning_gym = require("reasoning_gym")
 
     items = reasoning_gym.create_dataset(
         TASK, size=size, seed=seed, min_terms=2, max_terms=3, min_digits=1, max_digits=2, operators=("+", "-", "*")

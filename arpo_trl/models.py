@@ -54,6 +54,9 @@ def resolve_model_path(name: str) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .extras import require
+
+    require("gguf")  # transformers reads GGUF files with it
     logger.info("converting %s from its GGUF to %s (once)", name, out)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)

@@ -96,6 +96,9 @@ def load_tokenizer():
 
     path = cache_dir() / "smollm2-tokenizer"
     if not (path / "tokenizer.json").exists():
+        from .extras import require
+
+        require("gguf")  # transformers reads GGUF files with it
         tok = AutoTokenizer.from_pretrained(smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)
         tok.save_pretrained(path)
     # PreTrainedTokenizerFast, not AutoTokenizer: keeps the exact ids of the original (AutoTokenizer may rebuild the

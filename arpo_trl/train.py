@@ -219,5 +219,10 @@ def main(argv: list[str] | None = None) -> ARPOTrainer:
     return trainer
 
 
+def cli() -> None:
+    """Console-script entry point: `main` returns the trainer, which as an exit status would read as a failure."""
+    main()
+
+
 if __name__ == "__main__":
     main()

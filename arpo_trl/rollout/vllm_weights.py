@@ -35,7 +35,9 @@ def training_weights(model: torch.nn.Module, zero3: bool = False) -> Iterator[di
     """Yield {HF name: tensor} of `model` now (see the module docstring). Leaves the model as it found it."""
     gather = contextlib.nullcontext()
     if zero3:
-        import deepspeed
+        from ..extras import require
+
+        deepspeed = require("deepspeed")
 
         gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
     with gather, torch.no_grad():

@@ -174,8 +174,9 @@ def entropy_profile(
 
 def plot_profile(profile: dict[str, Any], path: str | Path, title: str = "") -> Path:
     """Two panels: entropy aligned on tool-result boundaries; curves by category. Written as PNG."""
-    import matplotlib
+    from ..extras import require
 
+    matplotlib = require("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -97,7 +97,9 @@ def log_rollout_trees(
     if isinstance(report_to, str):
         report_to = [report_to]
     if "wandb" in report_to and getattr(accelerator, "is_main_process", True):
-        import wandb
+        from ..extras import require
+
+        wandb = require("wandb")
 
         if wandb.run is not None:
             wandb.log(

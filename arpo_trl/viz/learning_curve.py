@@ -53,8 +53,9 @@ def plot_learning_curve(
 ) -> Path:
     """Write the three panels (module docstring) as a PNG at `path`; return it. `format_key` / `correct_key`:
     log keys of the per-step share of well-formatted / correct completions, drawn on the reward panel."""
-    import matplotlib
+    from ..extras import require
 
+    matplotlib = require("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
