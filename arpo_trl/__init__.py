@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .config import ARPOConfig  # noqa: E402
-from .trainer import ARPOTrainer  # noqa: E402
+from .config import AEPOConfig, ARPOConfig  # noqa: E402
+from .trainer import AEPOTrainer, ARPOTrainer  # noqa: E402
 
-__all__ = ["ARPOConfig", "ARPOTrainer", "__version__"]
+__all__ = ["AEPOConfig", "AEPOTrainer", "ARPOConfig", "ARPOTrainer", "__version__"]

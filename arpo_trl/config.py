@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 _CHOICES: dict[str, tuple[str, ...]] = {
     "entropy_timing": ("after_tool", "lagged"),
     "entropy_normalization": ("sum_lnV", "mean", "sum_V"),
-    "branch_rule": ("bernoulli", "threshold"),
+    "branch_rule": ("bernoulli", "threshold", "aepo_official"),
     "advantage_attribution": ("soft", "hard"),
     "rollout_fill": ("fresh", "speculative", "duplicate", "sequential"),
     "tool_format": ("tags", "chat_template"),
@@ -54,6 +54,29 @@ OFFICIAL_ROLLOUT = {
     "result_format": "official",
     "speculative_forks": False,
 }
+# algorithm_preset: AEPO (arXiv 2510.14545; docs/aepo.md). A preset fills the fields still at their defaults.
+AEPO_PRESETS: dict[str, dict[str, object]] = {
+    # The paper's AEPO: all four parts on, with the official constants.
+    "aepo": {
+        "entropy_balanced_clipping": True,
+        "entropy_advantage_coef": 0.2,
+        "branch_penalty_rate": 0.05,
+        "dynamic_rollouts": "paper",
+    },
+    # The released AEPO scripts as they run: ARPO's official rollout, AEPO's own branching rule and penalty, the
+    # stop-gradient clip, the entropy-aware advantage off (their entropy was never computed: a no-op), no budget split
+    # (both scripts set enable_dynamic_rollouts=False).
+    "aepo_official": {
+        "rollout_preset": "official",
+        "branch_rule": "aepo_official",
+        "branch_penalty_rate": 0.05,
+        "entropy_balanced_clipping": True,
+        "entropy_advantage_coef": 0.0,
+        "dynamic_rollouts": None,
+    },
+}
+# The loss types whose PPO clip AEPO's entropy-balanced clipping rewrites (the others have no hard upper clip).
+AEPO_CLIPPED_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 _SHAPE_CHANGING_GENERATION_KWARGS = {
     "assistant_model",
     "prompt_lookup_num_tokens",
@@ -108,7 +131,10 @@ class ARPOConfig(GRPOConfig):
         default="bernoulli",
         metadata={
             "help": "'bernoulli': fork with probability clip(α + β·ΔH, 0, 1) (official code); "
-            "'threshold': fork when α + β·ΔH > τ (paper text).",
+            "'threshold': fork when α + β·ΔH > τ (paper text); 'aepo_official': the official AEPO code, fork when "
+            "clip((u + β·ΔH)·(1 − P̂(c)), 0, 1) ≥ α with u ~ U(0, 1), where α is a threshold (higher α, fewer forks: "
+            "the opposite sense to ARPO's; the two agree only at α = 0.5). With branch_penalty_rate λ > 0 the other "
+            "rules multiply α + β·ΔH by 1 − P̂(c) (AEPO paper).",
             "choices": list(_CHOICES["branch_rule"]),
         },
     )
@@ -260,9 +286,106 @@ class ARPOConfig(GRPOConfig):
     )
     log_rollout_trees_prompts: int = field(default=2, metadata={"help": "Prompts drawn per rollout-tree page."})
 
+    # --- AEPO (Agentic Entropy-Balanced Policy Optimization, arXiv 2510.14545; docs/aepo.md) ---
+    algorithm_preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "'aepo': AEPO as the paper describes it (entropy-balanced clipping, entropy-aware advantage a = 0.2, "
+            "consecutive-branch penalty λ = 0.05, dynamic budget split); 'aepo_official': the released AEPO scripts "
+            "(rollout_preset='official', branch_rule='aepo_official', λ = 0.05, clipping on, the entropy-aware "
+            "advantage off as their code silently skipped it, no budget split). A preset fills the AEPO and rollout "
+            "fields still at their defaults; a field you set keeps your value. None: ARPO.",
+            "choices": [None, *AEPO_PRESETS],
+        },
+    )
+    entropy_balanced_clipping: bool = field(
+        default=False,
+        metadata={
+            "help": "AEPO's stop-gradient clip: the upper bound 1 + ε_h becomes (1 + ε_h)·δ/sg(δ) (δ the importance "
+            "ratio), same loss value, but a token with δ > 1 + ε_h and A > 0 keeps the gradient (1 + ε_h)·A·∇log π "
+            "instead of 0. The lower bound stays hard. loss_type grpo, bnpo, dr_grpo, dapo or luspo."
+        },
+    )
+    entropy_advantage_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "a: AEPO's entropy-aware advantage Ã = A·(1 + a·z(H)), z the token entropy standardized over the "
+            "micro-batch's valid tokens, detached (official constant 0.2). 0: off, which is what the released AEPO "
+            "runs did in effect (their entropy was computed only with an entropy bonus, set to 0)."
+        },
+    )
+    branch_penalty_rate: float = field(
+        default=0.0,
+        metadata={
+            "help": "λ of AEPO's consecutive-branch penalty P̂(c) = min(1, λ·c), c the consecutive rounds in which the "
+            "prompt forked (reset by a round without a fork; on the vLLM driver, which has no rounds, each decision "
+            "of the prompt is a round). Official value 0.05. 0: ARPO (no penalty)."
+        },
+    )
+    dynamic_rollouts: str | None = field(
+        default=None,
+        metadata={
+            "help": "AEPO's dynamic budget split: one extra tool-using probe rollout per prompt measures H_root and the "
+            "mean tool-step entropy H̄; the prompt then starts m global samples and leaves M − m to branches. "
+            "'paper': m = round(M·σ(β_b·(H_root − H̄))); 'official': int(M·σ(β_b·(H_root − H̄))) + 1; both kept in "
+            "[1, M]. Overrides initial_rollouts (N). None: N fixed.",
+            "choices": [None, "paper", "official"],
+        },
+    )
+    aepo_budget_sensitivity: float = field(
+        default=0.5,
+        metadata={"help": "β_b: sensitivity of the dynamic budget split (the paper's β there; official 0.5)."},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._apply_algorithm_preset()
         self._validate_arpo()
+        if self.algorithm_preset == "aepo_official":
+            self.branch_rule = "aepo_official"  # rollout_preset='official' has just set ARPO's official rule
+        self._validate_aepo()
+
+    def _apply_algorithm_preset(self) -> None:
+        """algorithm_preset: fill the fields it names that are still at their defaults (a value you set wins)."""
+        if self.algorithm_preset is None:
+            return
+        if self.algorithm_preset not in AEPO_PRESETS:
+            raise ValueError(
+                f"algorithm_preset={self.algorithm_preset!r} is not one of None, {', '.join(map(repr, AEPO_PRESETS))}"
+            )
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, value in AEPO_PRESETS[self.algorithm_preset].items():
+            current = getattr(self, name)
+            if current == defaults[name]:
+                setattr(self, name, value)
+            elif current != value:
+                logger.info("algorithm_preset=%r leaves %s=%r (set explicitly; preset: %r)", self.algorithm_preset,
+                            name, current, value)  # fmt: skip
+
+    def _validate_aepo(self) -> None:
+        """Checks AEPO's fields against the loss and the rollout they change."""
+        if self.entropy_balanced_clipping and self.loss_type not in AEPO_CLIPPED_LOSSES:
+            raise ValueError(
+                f"entropy_balanced_clipping=True needs a loss with a PPO upper clip ({', '.join(AEPO_CLIPPED_LOSSES)}); "
+                f"loss_type={self.loss_type!r} has none to rewrite (cispo already keeps the gradient of clipped tokens, "
+                "sapo gates softly, vespo weights sequences)"
+            )
+        a = self.entropy_advantage_coef
+        if not isinstance(a, (int, float)) or a != a or a in (float("inf"), float("-inf")):
+            raise ValueError(f"entropy_advantage_coef (a) must be a finite number, got {a!r}")
+        if a and self.loss_type == "vespo":
+            raise ValueError(
+                "entropy_advantage_coef != 0 is not supported with loss_type='vespo': its gamma weights are chosen per "
+                "sequence from the advantage's sign, which token advantages would split"
+            )
+        rate = self.branch_penalty_rate
+        if not isinstance(rate, (int, float)) or rate != rate or not 0.0 <= rate < float("inf"):
+            raise ValueError(f"branch_penalty_rate (λ) must be a finite number >= 0, got {rate!r}")
+        if self.dynamic_rollouts not in (None, "paper", "official"):
+            raise ValueError(f"dynamic_rollouts={self.dynamic_rollouts!r} is not one of None, 'paper', 'official'")
+        b = self.aepo_budget_sensitivity
+        if not isinstance(b, (int, float)) or b != b or b in (float("inf"), float("-inf")):
+            raise ValueError(f"aepo_budget_sensitivity (β_b) must be a finite number, got {b!r}")
 
     def resolve_initial_rollouts(self, has_tools: bool) -> int:
         """N: `initial_rollouts` when set, else M // 2 with tools and M without (no tool result, no branch)."""
@@ -396,3 +519,24 @@ class ARPOConfig(GRPOConfig):
         upgraded._validate_arpo()
         logger.info("GRPOConfig upgraded to ARPOConfig with ARPO's default rollout settings")
         return upgraded
+
+
+@dataclass
+class AEPOConfig(ARPOConfig):
+    r"""[`ARPOConfig`] with `algorithm_preset="aepo"` by default: AEPO (Agentic Entropy-Balanced Policy Optimization,
+    arXiv 2510.14545) as the paper describes it. Each part stays a field of its own (`entropy_balanced_clipping`,
+    `entropy_advantage_coef`, `branch_penalty_rate`, `dynamic_rollouts`); `algorithm_preset="aepo_official"` runs the
+    released scripts instead. docs/aepo.md lists what differs between the two."""
+
+    algorithm_preset: str | None = field(
+        default="aepo",
+        metadata={"help": ARPOConfig.__dataclass_fields__["algorithm_preset"].metadata["help"]},
+    )
+
+    @classmethod
+    def from_grpo_config(cls, args: GRPOConfig) -> AEPOConfig:
+        """As [`ARPOConfig.from_grpo_config`], then AEPO's preset on top."""
+        upgraded = super().from_grpo_config(args)
+        upgraded._apply_algorithm_preset()
+        upgraded._validate_aepo()
+        return upgraded  # type: ignore[return-value]

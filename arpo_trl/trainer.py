@@ -22,7 +22,7 @@ from trl.data_utils import is_conversational
 from trl.extras.profiling import profiling_context
 
 from .advantages import hard_attribution
-from .config import ARPOConfig
+from .config import AEPOConfig, ARPOConfig
 from .rollout.async_engine import AsyncTreeRollout
 from .rollout.branching import BranchPolicy, rollout_seed
 from .rollout.engine import RolloutSettings, RolloutStats, TreeRollout
@@ -233,7 +233,12 @@ class ARPOTrainer(GRPOTrainer):
             self.tool_protocol = ChatTemplateProtocol(self)
         self.generator = TransformersGenerator(self, self.tool_protocol.stop_strings, self.entropy_recorder)
         self.branch_policy = BranchPolicy(
-            args.branch_base_probability, args.branch_entropy_weight, args.branch_rule, args.branch_threshold
+            args.branch_base_probability,
+            args.branch_entropy_weight,
+            args.branch_rule,
+            args.branch_threshold,
+            penalty_rate=args.branch_penalty_rate,
+            rounds=not use_vllm,  # AEPO's penalty counts rounds; the asynchronous driver has none
         )
         self.vllm_engine = self._start_vllm_engine() if use_vllm else None
         self._last_loaded_step = -1  # weights the engine holds (-1: sync before the first rollout)
@@ -451,6 +456,7 @@ class ARPOTrainer(GRPOTrainer):
         tool_mask = [t.tool_mask for t in trajectories]
         completions = [self.tool_protocol.completion(t, conversational) for t in trajectories]
         self._log_rollout_metrics(mode, prompt_ids, trajectories, stats)
+        self._log_aepo_rollout_metrics(mode)
         return prompt_ids, completion_ids, tool_mask, completions, logprobs, {}, None, []
 
     def _log_rollout_metrics(
@@ -532,6 +538,93 @@ class ARPOTrainer(GRPOTrainer):
             metrics["tools/call_frequency"].append(calls / completions)
             metrics["tools/failure_frequency"].append(errors / execs if execs else 0.0)
 
+    def _log_aepo_rollout_metrics(self, mode: str) -> None:
+        """AEPO's consecutive-branch penalty: c at each decision (mean over processes, max), when the penalty is on."""
+        if not self.args.branch_penalty_rate and self.args.branch_rule != "aepo_official":
+            return
+        seen = self.branch_policy.consecutive_seen
+        local = torch.tensor([[sum(seen), len(seen)]], dtype=torch.float64, device=self.accelerator.device)
+        total, count = self.accelerator.gather(local).sum(0).tolist()
+        top = self.accelerator.gather(torch.tensor([max(seen, default=0)], device=self.accelerator.device))
+        if count:
+            self._metrics[mode]["aepo/consecutive_branches_mean"].append(total / count)
+        self._metrics[mode]["aepo/consecutive_branches_max"].append(float(top.max().item()))
+
+    # ------------------------------------------------------------------ AEPO loss
+    def _compute_loss(self, model, inputs):
+        """TRL's loss, with AEPO's entropy-balanced clipping and entropy-aware advantage when they are on.
+
+        Both need what TRL's `_compute_loss` computes in its own forward (the log-probs, and the entropies it always
+        computes there), and act before its clipped objective. TRL offers no seam between the two other than the
+        forward call itself, so for the duration of the call the forward is wrapped (`_aepo_after_forward`): it then
+        replaces the advantages with Ã (B, T) and hands TRL an upper clip whose value is ε_h and whose gradient is
+        AEPO's. Everything else (IS correction, masks, KL, aggregation per loss_type, metrics) stays TRL's.
+        """
+        a = self.args
+        if not (a.entropy_balanced_clipping or a.entropy_advantage_coef):
+            return super()._compute_loss(model, inputs)
+        inputs = dict(inputs)  # the buffered batch is reused by later iterations: never modify it
+        forward = self._get_per_token_logps_and_entropies  # whatever the class provides
+
+        def forward_then_aepo(*args: Any, **kwargs: Any) -> Any:
+            logps, entropies, aux = forward(*args, **kwargs)
+            self._aepo_after_forward(inputs, logps, entropies)
+            return logps, entropies, aux
+
+        epsilon_low, epsilon_high = self.epsilon_low, self.epsilon_high
+        self._get_per_token_logps_and_entropies = forward_then_aepo
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            del self._get_per_token_logps_and_entropies
+            self.epsilon_low, self.epsilon_high = epsilon_low, epsilon_high
+
+    def _aepo_after_forward(self, inputs: dict[str, Any], logps: torch.Tensor, entropies: torch.Tensor | None) -> None:
+        from .aepo import balanced_epsilon_high, entropy_aware_advantages, standardized_entropy
+
+        a = self.args
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        advantages = inputs["advantages"]
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1)
+        sequence = self.importance_sampling_level == "sequence"
+
+        def share(flags: torch.Tensor) -> float:  # over every process's valid tokens (a collective: all ranks call)
+            local = torch.stack([(flags.float() * mask).sum(), mask.sum().float()])
+            totals = self.accelerator.reduce(local, reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        if a.entropy_advantage_coef:
+            if entropies is None:
+                raise RuntimeError("entropy_advantage_coef needs the token entropies of TRL's loss forward, got None")
+            advantages = entropy_aware_advantages(advantages, entropies, mask, a.entropy_advantage_coef)
+            inputs["advantages"] = advantages
+            # 1 + a·z < 0 turns a token's advantage around (z below −1/a): rare at a = 0.2, worth seeing.
+            metrics["aepo/advantage_sign_flip_share"].append(
+                share(1 + a.entropy_advantage_coef * standardized_entropy(entropies, mask) < 0)
+            )
+        if not a.entropy_balanced_clipping:
+            return
+        if sequence:  # TRL's sequence weight: the masked mean of the token log-ratios
+            log_weight = (((logps - logps.detach()) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        else:
+            log_weight = logps
+        epsilon_high = float(self.epsilon_high)
+        # torch.clamp takes two numbers or two tensors: both bounds become tensors (values unchanged).
+        self.epsilon_high = balanced_epsilon_high(log_weight, epsilon_high)
+        self.epsilon_low = torch.tensor(float(self.epsilon_low), dtype=logps.dtype, device=logps.device)
+        # Tokens above the upper clip with A > 0: zero gradient under PPO, (1 + ε_h)·A·∇log π here.
+        old = inputs.get("old_per_token_logps")
+        log_ratio = torch.zeros_like(logps) if old is None else logps.detach() - old
+        if sequence:
+            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        metrics["aepo/clipped_gradient_kept_share"].append(
+            share((torch.exp(log_ratio) > 1 + epsilon_high) & (advantages > 0))
+        )
+
     # ------------------------------------------------------------------ model card
     def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
         """TRL's card (ARPO in its tags, ARPO's citation), plus the ARPO settings this model was trained with."""
@@ -598,3 +691,19 @@ class ARPOTrainer(GRPOTrainer):
             valid = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).long()
             output["advantages"] = hard_attribution(ids, valid, output["advantages"], self.num_generations)
         return output
+
+
+class AEPOTrainer(ARPOTrainer):
+    """[`ARPOTrainer`] for AEPO (Agentic Entropy-Balanced Policy Optimization, arXiv 2510.14545): the same trainer,
+    whose `args` default to an [`AEPOConfig`] (and a plain `GRPOConfig` is upgraded with AEPO's preset). With an
+    `ARPOConfig`, its own `algorithm_preset` decides."""
+
+    _name = "AEPO"
+
+    def __init__(self, model: str | Any, reward_funcs: Any = None, args: Any = None, *rest: Any, **kwargs: Any) -> None:
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = AEPOConfig(f"{name.split('/')[-1]}-AEPO")
+        elif isinstance(args, GRPOConfig) and not isinstance(args, ARPOConfig):
+            args = AEPOConfig.from_grpo_config(args)
+        super().__init__(model, reward_funcs, args, *rest, **kwargs)

@@ -228,7 +228,7 @@ class RolloutTree:
             return []  # budget M used up (or nothing left to sample): no decision to make
         if s.initial_entropy == "frozen_per_slot":
             traj.h_initial = self.frozen_initial.get(traj.slot, traj.h_initial)
-        decision = self.policy.decide(h_t - traj.h_initial)
+        decision = self.policy.decide(h_t - traj.h_initial, group=traj.group, round=stats.rounds)  # AEPO penalty
         stats.entropy_deltas.append(decision.delta_h)
         stats.entropy_after_tool.append(h_t)
         stats.branch_probabilities.append(decision.probability)
