@@ -261,9 +261,14 @@ class ARPOConfig(GRPOConfig):
             "choices": list(_CHOICES["call_limit_action"]),
         },
     )
-    tool_timeout: float = field(
-        default=60.0,
-        metadata={"help": "Seconds one tool call may take before the model gets a timeout error."},
+    tool_timeout: float | None = field(
+        default=None,
+        metadata={
+            "help": "Seconds one call of a tool without a time limit of its own may take before the model gets a "
+            "timeout error (thread-safe and async tools; a plain synchronous tool runs inline on the main thread, "
+            "as in GRPOTrainer, unbounded). A tool's own limit (e.g. python_timeout) applies to it instead; one "
+            "shorter than this contradicts it and is refused. Unset: 60."
+        },
     )
     tool_max_workers: int = field(
         default=16,
@@ -272,9 +277,14 @@ class ARPOConfig(GRPOConfig):
             "over the whole rollout with vLLM)."
         },
     )
-    max_tool_response_chars: int = field(
-        default=4000,
-        metadata={"help": "Tool outputs longer than this are cut (with a note) before the model sees them."},
+    max_tool_response_chars: int | None = field(
+        default=None,
+        metadata={
+            "help": "Outputs of a tool without an output limit of its own longer than this are cut (with a note) "
+            "before the model sees them; a returned list is kept whole. A tool's own limit (e.g. "
+            "python_max_output_chars) applies to it instead; a smaller cap here contradicts it and is refused. "
+            "Unset: 4000."
+        },
     )
 
     log_rollout_trees: int = field(
@@ -433,11 +443,11 @@ class ARPOConfig(GRPOConfig):
             raise ValueError(f"branch_threshold (τ) must lie in [0, 1], got {self.branch_threshold}")
         if self.branch_entropy_weight != self.branch_entropy_weight:  # NaN
             raise ValueError("branch_entropy_weight (β) must be a number, got NaN")
-        if self.tool_timeout <= 0:
+        if self.tool_timeout is not None and self.tool_timeout <= 0:
             raise ValueError(f"tool_timeout must be > 0 seconds, got {self.tool_timeout}")
         if self.tool_max_workers < 1:
             raise ValueError(f"tool_max_workers must be at least 1, got {self.tool_max_workers}")
-        if self.max_tool_response_chars < 1:
+        if self.max_tool_response_chars is not None and self.max_tool_response_chars < 1:
             raise ValueError(f"max_tool_response_chars must be at least 1, got {self.max_tool_response_chars}")
         if self.log_rollout_trees < 0:
             raise ValueError(f"log_rollout_trees must be >= 0, got {self.log_rollout_trees}")

@@ -101,11 +101,11 @@ def build_tools(script_args: ARPOScriptArguments) -> list:
     tools = []
     for name in script_args.tools:
         if name == "python":
-            max_chars = script_args.python_max_output_chars
-            kwargs = {} if max_chars is None else {"max_output_chars": max_chars}
-            python = PythonInterpreter(timeout=script_args.python_timeout, **kwargs)
-            if max_chars is None:  # no cap of our own: the sandbox's output file limit bounds it
-                python.max_output_chars = python.limits.file_mb << 20
+            # The tool's own limits (None: no output cap of ours, the official tool's); the executor applies them
+            # to it instead of tool_timeout / max_tool_response_chars.
+            python = PythonInterpreter(
+                timeout=script_args.python_timeout, max_output_chars=script_args.python_max_output_chars
+            )
             tools.append(python)
         elif name == "search" and (script_args.search_cache or script_args.search_endpoint):
             tools.append(

@@ -210,12 +210,8 @@ class ARPOTrainer(GRPOTrainer):
         self.arpo_tools = tools
         if self.environment_factories is not None:
             self._prepare_environments()
-        self.tool_executor = ToolExecutor(
-            tools,
-            timeout=args.tool_timeout,
-            max_workers=args.tool_max_workers,
-            max_response_chars=args.max_tool_response_chars,
-        )
+        # User tools run inline on the main thread, as GRPOTrainer runs them; async ones on TRL's event loop.
+        self.tool_executor = ToolExecutor.from_config(tools, args, async_loop=getattr(self, "async_loop", None))
         scale, softcap = output_logit_transform(self.model.config.get_text_config())
         self.entropy_recorder = EntropyRecorder(
             self.temperature,
@@ -532,6 +528,11 @@ class ARPOTrainer(GRPOTrainer):
         metrics["tools/errors"].append(errors)
         metrics["tools/timeouts"].append(timeouts)
         metrics["tools/call_limit_hits"].append(limit_hits)
+        if execs and errors >= execs and self.accelerator.is_main_process:  # once per rollout, not per call
+            logger.warning(
+                "every tool call of this %s rollout failed (%d of %d); the last error: %s",
+                mode, int(errors), int(execs), self.tool_executor.last_error,
+            )  # fmt: skip
         if self.arpo_tools or self.environments:
             # TRL's own tool metrics, same definitions: calls per completion (a call in a shared prefix counts for
             # every completion holding it) and the share of executed calls that failed.

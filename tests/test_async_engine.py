@@ -348,6 +348,7 @@ def test_a_slow_tool_does_not_stall_other_trajectories(tokenizer):
         return calc(expression)
 
     slow.__name__ = "calc"
+    slow.thread_safe = True  # concurrent with the other trajectories' calls (a main-thread tool runs one at a time)
 
     class Recording(ScriptedEngine):
         finished_answers = 0

@@ -946,6 +946,7 @@ def test_an_aborted_request_stops_the_rollout_at_once_with_its_id(tokenizer):
         return "3"
 
     slow.__name__ = "calc"
+    slow.thread_safe = True  # in a worker thread, so the failing rollout need not wait for it
 
     class AbortsOne(Observed):
         async def stream(self, request_id, prompt_ids, max_tokens, stop, **kw):

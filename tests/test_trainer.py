@@ -256,6 +256,7 @@ def test_hanging_and_crashing_tools_never_stall_training(tool_model, tokenizer, 
             time.sleep(30)
         raise RuntimeError("calculator is broken")
 
+    calc.thread_safe = True  # ARPO's time limits apply to tools run in its worker threads (user tools: main thread)
     args = make_args(tmp_path, tool_timeout=0.5, max_steps=1)
     trainer = make_trainer(tool_model, tokenizer, args, tools=[calc])
     rounds = []  # wall time of each tool round: a 30 s hang must not hold one past its 0.5 s timeout

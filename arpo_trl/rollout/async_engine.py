@@ -104,7 +104,8 @@ class AsyncTreeRollout(TreeDriver):
         # Tool calls wait in threads, bounded by the executor's worker count, while the loop keeps streaming.
         pool = ThreadPoolExecutor(max_workers=self.executor.max_workers, thread_name_prefix="arpo-tools")
         try:
-            return self.engine.run(self._run(tree, pool, seed)), tree.stats
+            # This thread serves the main-thread tool calls (user tools, run as TRL runs them) while the rollout runs.
+            return self.executor.serve(lambda: self.engine.run(self._run(tree, pool, seed))), tree.stats
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 

@@ -15,6 +15,7 @@ tokenizes the text *between* two added tokens, so output free of control strings
 
 from __future__ import annotations
 
+import os
 import secrets
 from typing import TYPE_CHECKING, Any
 
@@ -102,8 +103,10 @@ def tool_suffix_ids(trainer: GRPOTrainer, tool_messages: list[dict[str, Any]]) -
 
     nonce = secrets.token_hex(8)
     marks = [(f"\ue000{nonce}:{i}\ue001", f"\ue000/{nonce}:{i}\ue001") for i in range(len(tool_messages))]
+    # A content that is not a string (a list a tool returned, kept as TRL keeps it) is rendered by the template
+    # itself: marked empty here, and its rendering found below.
     marked = [
-        {**m, "content": f"{open_}{m.get('content', '')}{close}"}
+        {**m, "content": f"{open_}{c if isinstance(c := m.get('content', ''), str) else ''}{close}"}
         for m, (open_, close) in zip(tool_messages, marks, strict=True)
     ]
     # The same minimal conversation TRL uses (the real tool name: some templates derive the header from it).
@@ -131,6 +134,17 @@ def tool_suffix_ids(trainer: GRPOTrainer, tool_messages: list[dict[str, Any]]) -
 
     prefix_ids = list(render(dummy, tokenize=True, generation_prompt=False))
     rest = render(dummy + marked, tokenize=False, generation_prompt=True)
+    for i, message in enumerate(tool_messages):
+        content = message.get("content", "")
+        if not isinstance(content, str):
+            open_, close = marks[i]
+            text = render(dummy + marked[:i] + [message] + marked[i + 1 :], tokenize=False, generation_prompt=True)
+            before, after = rest.split(open_ + close)
+            # What the template made of the content: the text between the same surroundings. Where the template
+            # renders a list differently around it too, the smallest differing span (still plain text).
+            start = len(os.path.commonprefix([text, before]))
+            end = len(os.path.commonprefix([text[start:][::-1], after[::-1]]))
+            rest = before + open_ + text[start : len(text) - end] + close + after
     pieces: list[tuple[str, bool]] = []
     for open_, close in marks:
         if rest.count(open_) != 1 or rest.count(close) != 1 or rest.index(close) < rest.index(open_):

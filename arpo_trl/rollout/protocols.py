@@ -114,7 +114,10 @@ class ChatTemplateProtocol:
         return tool_calls_of(message)
 
     def result_ids(self, traj: Trajectory, calls: list[ToolCall], results: list[ToolResult]) -> list[int]:
-        messages = [{"role": "tool", "name": c.name, "content": r.text} for c, r in zip(calls, results, strict=True)]
+        # The content TRL's tool loop stores (a returned list stays a list): what the reward functions read.
+        messages = [
+            {"role": "tool", "name": c.name, "content": r.message_content} for c, r in zip(calls, results, strict=True)
+        ]
         traj.messages.extend(messages)
         return tool_suffix_ids(self.trainer, messages)  # TRL's tool turn, with the content as plain text
 

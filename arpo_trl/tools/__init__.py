@@ -3,13 +3,16 @@
 - `PythonInterpreter` (tag ``python``): model-written code in a bubblewrap sandbox.
 - `LocalSearch` (tag ``search``): offline BM25 over a local corpus; `build_wiki_corpus` makes a demo corpus.
 - `WebSearch` (tag ``search``): an HTTP search API with an on-disk cache.
-- `ToolExecutor`: runs one round of calls concurrently, each under its own timeout.
+- `ToolExecutor`: runs one round of calls, each where its tool may run (user tools inline on the main thread, as TRL
+  runs them; thread-safe and async tools concurrently), under each tool's own limits.
+- `declare_tool`: declare a tool thread-safe and/or give it its own time and output limits.
 - `parse_tag_call` / `format_result` / `stop_strings`: the paper's inline tag format.
 
 See docs/tools.md.
 """
 
 from .base import (
+    UNSET,
     StringTool,
     Tool,
     ToolCall,
@@ -17,11 +20,13 @@ from .base import (
     ToolResult,
     TransientToolError,
     as_function,
+    declare_tool,
+    execution_mode,
     tool_name,
     tools_by_name,
 )
 from .corpus import build_wiki_corpus, wiki_corpus_available
-from .executor import ToolExecutor
+from .executor import ToolExecutor, ToolLimits
 from .python_tool import PythonInterpreter, python_interpreter_available
 from .sandbox import SandboxUnavailableError
 from .search import LocalSearch, format_pages
@@ -36,12 +41,16 @@ __all__ = [
     "Tool",
     "ToolCall",
     "ToolExecutor",
+    "ToolLimits",
     "ToolOutput",
     "ToolResult",
     "TransientToolError",
+    "UNSET",
     "WebSearch",
     "as_function",
     "build_wiki_corpus",
+    "declare_tool",
+    "execution_mode",
     "format_pages",
     "format_result",
     "is_empty_call",

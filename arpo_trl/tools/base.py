@@ -11,16 +11,143 @@ Tool objects derive from `StringTool`: a callable object with one ``str`` argume
 function to TRL and to ``transformers.utils.get_json_schema`` (``__name__``, a Google-style ``__doc__`` with an
 ``Args:`` section, annotated ``__call__``). A tool may return a `ToolOutput` (a ``str``) to tell the executor that
 the call failed or timed out, and may raise `TransientToolError` to ask the executor for a retry.
+
+Where a tool runs (`execution_mode`), as TRL runs it unless it says otherwise:
+
+- ``"main_thread"`` (the default for a synchronous tool): inline on the trainer's main thread, one call at a time,
+  without a time limit of ARPO's, exactly as `GRPOTrainer` calls it, so tools written for TRL (``signal.alarm``
+  timeouts, thread-local state, clients that are not thread-safe) work unchanged;
+- ``"threads"``: the tool declares ``thread_safe = True`` (the sandboxed `PythonInterpreter` and the search tools
+  do; `declare_tool` sets it on a function): ARPO runs its calls concurrently in worker threads, each bounded by a
+  time limit;
+- ``"async"``: a coroutine function (or an object with an ``async def __call__``): awaited on an event loop,
+  concurrently, and cancelled at its time limit.
+
+A tool may also declare its own limits, which then are the ones that apply to it: ``time_limit`` (seconds a call
+may take) and ``output_limit`` (the longest answer in characters; None: no cap of ARPO's). See docs/tools.md.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 Tool = Callable[..., Any]
+T = TypeVar("T")
+
+#: Where a tool's calls run; see the module docstring.
+ExecutionMode = Literal["main_thread", "threads", "async"]
+
+
+class _Unset:
+    """The value of a limit a tool does not declare (None is a declared value: no cap)."""
+
+    _instance: _Unset | None = None
+
+    def __new__(cls) -> _Unset:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNSET: Any = _Unset()
+
+
+def is_async_tool(tool: Tool) -> bool:
+    """Whether calling `tool` returns a coroutine: a coroutine function, a `functools.partial` of one, or an object
+    whose ``__call__`` is one."""
+    while isinstance(tool, functools.partial):
+        tool = tool.func
+    if inspect.iscoroutinefunction(tool):
+        return True
+    if inspect.isroutine(tool):
+        return False
+    call = type(tool).__dict__.get("__call__") or next(
+        (c.__dict__["__call__"] for c in type(tool).__mro__ if "__call__" in c.__dict__), None
+    )
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+def _declared(tool: Tool, attribute: str) -> Any:
+    """`attribute` as `tool` declares it: on the callable itself (a function's attribute, a tool object's, a bound
+    method's function), else on a bound method's instance (an environment class declaring it for its methods)."""
+    value = getattr(tool, attribute, UNSET)
+    owner = getattr(tool, "__self__", None)
+    if value is UNSET and owner is not None and not inspect.ismodule(owner):
+        value = getattr(owner, attribute, UNSET)
+    return value
+
+
+def execution_mode(tool: Tool) -> ExecutionMode:
+    """Where the calls of `tool` run: async tools on an event loop, tools declaring ``thread_safe = True`` in ARPO's
+    worker threads, every other tool inline on the main thread (as TRL calls it)."""
+    if is_async_tool(tool):
+        return "async"
+    return "threads" if _declared(tool, "thread_safe") is True else "main_thread"
+
+
+def declared_time_limit(tool: Tool) -> float | None:
+    """The tool's own time limit in seconds (`time_limit`), or None when it declares none."""
+    value = _declared(tool, "time_limit")
+    if value is UNSET or value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"tool {tool_name(tool)!r} declares time_limit={value!r}; it must be a number of seconds > 0")
+    return float(value)
+
+
+def declared_output_limit(tool: Tool) -> int | None | _Unset:
+    """The tool's own output cap in characters (`output_limit`): an int, None (declared: no cap of ARPO's), or
+    `UNSET` when it declares none."""
+    value = _declared(tool, "output_limit")
+    if value is UNSET or value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"tool {tool_name(tool)!r} declares output_limit={value!r}; it must be an int >= 1 or None")
+    return value
+
+
+def declare_tool(
+    tool: T | None = None,
+    *,
+    thread_safe: bool | None = None,
+    time_limit: float | None | _Unset = UNSET,
+    output_limit: int | None | _Unset = UNSET,
+) -> Any:
+    """Declare how ARPO may run `tool` (sets the attributes `execution_mode` and the executor read); returns the
+    tool itself, so it still is the plain function TRL's `GRPOTrainer` takes. Usable as a decorator::
+
+        @declare_tool(thread_safe=True, time_limit=30)
+        def lookup(query: str) -> str: ...
+
+    Args:
+        thread_safe: True: ARPO may run its calls concurrently in worker threads and stop waiting for one at its
+            time limit; False (or undeclared): inline on the main thread, as TRL calls it.
+        time_limit: seconds a call may take (the executor's `timeout` no longer applies to this tool).
+        output_limit: longest answer in characters (None: no cap of ARPO's; the executor's cap no longer applies).
+    """
+
+    def apply(target: T) -> T:
+        if thread_safe is not None:
+            target.thread_safe = bool(thread_safe)  # type: ignore[attr-defined]
+        if time_limit is not UNSET:
+            target.time_limit = time_limit  # type: ignore[attr-defined]
+            declared_time_limit(target)  # validates
+        if output_limit is not UNSET:
+            target.output_limit = output_limit  # type: ignore[attr-defined]
+            declared_output_limit(target)
+        return target
+
+    return apply if tool is None else apply(tool)
 
 
 def tool_name(tool: Tool) -> str:
@@ -62,6 +189,9 @@ class ToolResult:
     `error` is set for every call that did not succeed from the model's point of view (malformed or unknown
     call, a tool exception, a program that failed in the sandbox, a timeout); `timed_out` additionally for
     time-limit failures. `duration_s` is the wall time the call took, `cached` says it came from the cache.
+
+    `content` is the tool message's content in the chat-template format, as TRL's tool loop stores it: a list the
+    tool returned stays that list, any other value is ``str(value)`` (within the output cap); None: `text`.
     """
 
     text: str
@@ -69,6 +199,12 @@ class ToolResult:
     timed_out: bool = False
     duration_s: float = 0.0
     cached: bool = False
+    content: Any = None
+
+    @property
+    def message_content(self) -> Any:
+        """What a chat-format tool message holds (and what reward functions read): `content`, else `text`."""
+        return self.text if self.content is None else self.content
 
 
 class ToolOutput(str):
@@ -115,6 +251,8 @@ class StringTool:
     argument: str = "input"
     #: whether the executor's result cache may serve this tool's answers (deterministic, side-effect free).
     cacheable: bool = True
+    #: whether ARPO may run calls concurrently in worker threads (`execution_mode`); subclasses that are say so.
+    thread_safe: bool = False
 
     def __init__(self, *, name: str | None = None, description: str, argument_description: str) -> None:
         if name is not None:

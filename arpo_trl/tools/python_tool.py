@@ -115,7 +115,7 @@ class PythonInterpreter(StringTool):
         cpu_time: CPU seconds per run (default: `timeout`, rounded up).
         memory_mb: address-space limit; a bigger allocation raises MemoryError in the program.
         max_output_chars: the longest text returned to the model (the beginning of stdout and the end of the
-            traceback are kept).
+            traceback are kept). None: no cap beyond `max_file_mb` (the official tool's).
         max_file_mb: largest file the program may write (stdout and stderr included).
         scratch_mb: size of the private scratch directory ``/tmp`` (also the working directory).
         python: the interpreter to run inside (default: this process's; numpy/sympy installed in it stay
@@ -130,13 +130,16 @@ class PythonInterpreter(StringTool):
     name = "python"
     argument = "code"
     cacheable = False
+    # Each call is its own sandboxed process, bounded by its own wall-clock limit: safe to run concurrently, and
+    # those limits (`time_limit`, `output_limit`) are the ones the executor applies to it.
+    thread_safe = True
 
     def __init__(
         self,
         timeout: float = 10.0,
         cpu_time: int | None = None,
         memory_mb: int = 1024,
-        max_output_chars: int = 4000,
+        max_output_chars: int | None = 4000,
         max_file_mb: int = 8,
         scratch_mb: int = 64,
         python: str | None = None,
@@ -162,9 +165,11 @@ class PythonInterpreter(StringTool):
             file_mb=int(max_file_mb),
             scratch_mb=int(scratch_mb),
         )
-        if max_output_chars < 100:
-            raise ValueError(f"max_output_chars must be >= 100, got {max_output_chars}")
-        self.max_output_chars = max_output_chars
+        if max_output_chars is not None and max_output_chars < 100:
+            raise ValueError(f"max_output_chars must be >= 100 or None, got {max_output_chars}")
+        self.output_cap = max_output_chars  # None: no cap of ours (what the executor reads, `output_limit`)
+        # What the rendering keeps; without a cap, everything the output files can hold.
+        self.max_output_chars = max_output_chars if max_output_chars is not None else self.limits.file_mb << 20
         self.python = python or sys.executable
         self.env = {**_SANDBOX_ENV, **dict(env or {})}
         self.allow_unsandboxed = allow_unsandboxed
@@ -186,6 +191,16 @@ class PythonInterpreter(StringTool):
                     "PythonInterpreter(allow_unsandboxed=True)."
                 ) from exc
             _warn_unsandboxed_once()
+
+    @property
+    def time_limit(self) -> float:
+        """The wall-clock limit of a run: the executor's limit for this tool (it stops the program itself)."""
+        return self.limits.wall_s
+
+    @property
+    def output_limit(self) -> int | None:
+        """The longest answer (None: no cap but the output files'): the executor's cap for this tool."""
+        return None if self.output_cap is None else self.max_output_chars
 
     def _probe(self, sandbox: BwrapSandbox) -> None:
         """One real run: the sandbox starts, the interpreter works, a fork is refused."""

@@ -37,6 +37,12 @@ def format_pages(snippets: Iterable[str], max_chars: int = 1000) -> str:
     return "\n".join(lines) or NO_RESULTS
 
 
+def pages_bound(top_k: int, max_chars: int) -> int:
+    """The longest answer `top_k` pages of at most `max_chars` characters can make (``Page i: `` and line breaks
+    included): a search tool's own output limit, so the executor never cuts the pages it chose to return."""
+    return top_k * (len(f"Page {top_k}: ") + max_chars + 1)
+
+
 def snippet_of(title: str, text: str) -> str:
     """``Title. text`` unless the text already starts with the title (as Wikipedia leads do)."""
     title, text = title.strip(), text.strip()
@@ -115,6 +121,12 @@ class LocalSearch(StringTool):
     name = "search"
     argument = "query"
     cacheable = True
+    thread_safe = True  # read-only index: concurrent queries are safe
+
+    @property
+    def output_limit(self) -> int:
+        """Its own output limit: `top_k` pages of `max_chars` (what the executor caps it at, never below)."""
+        return pages_bound(self.top_k, self.max_chars)
 
     def __init__(
         self,

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import StringTool, ToolOutput, TransientToolError
-from .search import NO_RESULTS, format_pages, snippet_of
+from .search import NO_RESULTS, format_pages, pages_bound, snippet_of
 
 
 def format_official(snippets: Sequence[str], top_k: int = 10, max_chars: int = 1000) -> str:
@@ -74,6 +74,12 @@ class WebSearch(StringTool):
     name = "search"
     argument = "query"
     cacheable = True
+    thread_safe = True  # one urllib request per call; the caches are written atomically, under a lock
+
+    @property
+    def output_limit(self) -> int:
+        """Its own output limit: `top_k` pages of `max_chars` (what the executor caps it at, never below)."""
+        return pages_bound(self.top_k, self.max_chars)
 
     def __init__(
         self,

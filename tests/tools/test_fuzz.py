@@ -97,6 +97,8 @@ fake_python.__name__ = "python"
 SEARCH = LocalSearch(
     [{"title": f"Doc {i}", "text": f"document number {i} about topic {i % 7} and python search"} for i in range(50)],
     persist=False,
+    top_k=3,  # its own output limit (3 pages of 100 characters) fits the executor's cap of 500
+    max_chars=100,
 )
 EXECUTOR = ToolExecutor([fake_python, SEARCH, echo, boom], timeout=5, max_workers=8, max_response_chars=500)
 

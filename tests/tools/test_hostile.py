@@ -325,8 +325,8 @@ def test_nested_unclosed_and_empty_tags_through_the_executor(python_tool):
     assert res[3].error and last_line(res[3].text) == "NameError: name 'nested' is not defined"
 
 
-def test_a_round_of_hostile_calls_through_the_executor(python_tool):
-    """Many hostile programs in one round: all answered, in order, within the round's bound, nothing raised."""
+def test_a_round_of_hostile_calls_through_the_executor(short_python_tool):
+    """Many hostile programs in one round: all answered, in order, within the tool's own limit, nothing raised."""
     codes = [
         "while True: pass",
         "import os\nwhile True: os.fork()",
@@ -337,16 +337,16 @@ def test_a_round_of_hostile_calls_through_the_executor(python_tool):
         "print(open('/etc/shadow').read())",
         "21 * 2",
     ]
-    ex = ToolExecutor([python_tool], timeout=3, max_workers=len(codes))
+    ex = ToolExecutor([short_python_tool], max_workers=len(codes))  # the tool's own 2 s limit applies
     started = threading.active_count()
     t0 = time.monotonic()
     res = ex.run([ToolCall("python", c) for c in codes])
     assert time.monotonic() - t0 < 5
-    assert res[0].timed_out and res[0].text == "Error: tool 'python' timed out after 3 s."
+    assert res[0].timed_out and res[0].text == "Error: execution timed out after 2 s; the program was stopped."
     assert [r.error for r in res[1:]] == [True, True, True, False, True, True, False]
     assert res[4].text == "alive" and res[7].text == "42"
-    deadline = time.monotonic() + 2  # finished workers exit; only the abandoned loop's thread may remain
-    while threading.active_count() > started + 1 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 2  # finished workers exit: the sandbox stopped the loop, nothing is abandoned
+    while threading.active_count() > started and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert threading.active_count() <= started + 1
-    assert ex.abandoned_calls <= 1
+    assert threading.active_count() <= started
+    assert ex.abandoned_calls == 0
