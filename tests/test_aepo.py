@@ -413,3 +413,39 @@ def test_aepo_trainer_upgrades_a_plain_grpo_config(tool_model, tokenizer, tmp_pa
         processing_class=tokenizer,
     )  # fmt: skip
     assert isinstance(trainer.args, AEPOConfig) and trainer.args.entropy_advantage_coef == 0.2
+
+
+@pytest.mark.parametrize("recipe", ["aepo_qwen2.5_7b_reasoning.yaml", "aepo_qwen3_14b_deepsearch.yaml"])
+def test_aepo_recipes_parse_to_the_released_scripts(recipe, tmp_path, monkeypatch):
+    from trl import ModelConfig, TrlParser
+
+    from arpo_trl.train import ARPOScriptArguments
+
+    monkeypatch.setenv("WANDB_PROJECT", "x")  # the recipes' env: block exports it
+    script, config, _ = TrlParser((ARPOScriptArguments, ARPOConfig, ModelConfig)).parse_args_and_config(
+        ["--config", f"recipes/{recipe}", "--output_dir", str(tmp_path), "--bf16", "false", "--use_cpu", "true"]
+    )
+    m, n = (12, 6) if "14b" in recipe else (16, 8)
+    assert (config.num_generations, config.initial_rollouts, config.max_tool_calling_iterations) == (m, n, 6)
+    assert (config.branch_base_probability, config.branch_entropy_weight, config.branch_factor) == (0.5, 0.2, 1)
+    assert config.algorithm_preset == "aepo_official" and config.branch_rule == "aepo_official"
+    assert config.branch_penalty_rate == 0.05 and config.entropy_balanced_clipping
+    assert config.entropy_advantage_coef == 0.0 and config.dynamic_rollouts is None  # as the released runs
+    assert config.rollout_preset == "official" and config.loss_type == "dapo" and config.epsilon == 0.2
+    assert script.tools == ["python", "search"] and script.reward_funcs == ["arpo_f1"]
+    assert "Table" in open(f"recipes/{recipe}").read() or "table" in open(f"recipes/{recipe}").read()
+
+
+@pytest.mark.slow
+def test_two_ranks_with_aepo_on_and_different_trees_finish(tmp_path, tool_model_state):
+    """AEPO's collectives (the kept-gradient share, the sign-flip share, the penalty counts) are made by every rank,
+    whatever its tree: rank 0 forks at every decision (up to the penalty), rank 1 never."""
+    from test_distributed import launch_two_ranks
+
+    overrides = {"algorithm_preset": "aepo", "dynamic_rollouts": None, "branch_penalty_rate": 0.05}
+    reports = launch_two_ranks("ddp", tmp_path, timeout=600, overrides=overrides)
+    assert [r["global_step"] for r in reports] == [2, 2]
+    assert reports[0]["branches"] > 0 and reports[1]["branches"] == 0
+    assert reports[0]["generate_calls"] == reports[1]["generate_calls"]
+    expected = {"aepo/clipped_gradient_kept_share", "aepo/advantage_sign_flip_share", "aepo/consecutive_branches_max"}
+    assert all(expected <= set(r["aepo_metrics"]) for r in reports)

@@ -89,6 +89,7 @@ def main(output_dir: str, extra: list[str]) -> None:
         "branches": trainer.branches,
         "global_step": trainer.state.global_step,
         "distributed_type": str(trainer.accelerator.distributed_type),
+        "aepo_metrics": sorted({k for e in history for k in e if k.startswith("aepo/")}),
         "weight_syncs": len([e for e in history if "vllm/weight_sync_s" in e]),
         "importance_sampling_ratios": [
             e["sampling/importance_sampling_ratio/mean"]
