@@ -1,6 +1,9 @@
-"""Training data: question/answer rows to conversational prompts with ARPO's tag-format system prompt.
+"""Training data: TRL ``prompt`` datasets as they are, and question/answer rows turned into conversational prompts
+with ARPO's tag-format system prompt.
 
-Sources: an HF `datasets` dataset (local directory or loadable name), a JSONL or parquet file, or a procedurally
+A dataset with a ``prompt`` column (standard: text; conversational: a list of messages) is TRL's own layout and is
+used unchanged, every other column included, so TRL's reward functions receive the columns they name (e.g.
+``solution``). Sources: an HF `datasets` dataset (local directory or loadable name), a JSONL or parquet file, or a procedurally
 generated, verifiable task from `reasoning-gym` (``reasoning_gym:<task>``, e.g. ``basic_arithmetic`` or
 ``gsm_symbolic``), which needs no download.
 
@@ -56,13 +59,26 @@ def to_conversational(
     question_column: str = "question",
     answer_column: str = "answer",
 ) -> Dataset:
-    """Rows with a question and an answer → TRL conversational prompts plus an `answer` column for rewards."""
+    """Rows with a question and an answer → TRL conversational prompts plus an `answer` column for ARPO's rewards.
+
+    Every column stays as it is (TRL passes them to reward functions under their own names): an answer column
+    named otherwise (``solution``) is kept and copied, as text, into `answer`; a column named `answer` becomes
+    text (ARPO's rewards compare text).
+    """
     for column in (question_column, answer_column):
         if column not in dataset.column_names:
             raise ValueError(f"dataset has no column {column!r} (columns: {', '.join(dataset.column_names)})")
+    if "prompt" in dataset.column_names:
+        raise ValueError("dataset already has a 'prompt' column: it is a TRL prompt dataset, used as it is")
+    if answer_column != "answer" and "answer" in dataset.column_names:
+        raise ValueError(
+            f"answer_column is {answer_column!r} but the dataset also has an 'answer' column, which ARPO's rewards "
+            "would read instead: rename one of them"
+        )
 
-    if isinstance(dataset.features[answer_column], Value) and dataset.features[answer_column].dtype != "string":
-        dataset = dataset.cast_column(answer_column, Value("string"))  # rewards compare text
+    if answer_column == "answer" and isinstance(dataset.features["answer"], Value):
+        if dataset.features["answer"].dtype != "string":
+            dataset = dataset.cast_column("answer", Value("string"))  # rewards compare text
 
     def convert(row):
         messages = [{"role": "system", "content": fix_boxed(system_prompt)}] if system_prompt else []
@@ -70,8 +86,53 @@ def to_conversational(
         answer = row[answer_column]
         return {"prompt": messages, "answer": answer if isinstance(answer, list) else str(answer)}
 
-    # Other columns stay: TRL passes them to reward functions.
-    return dataset.map(convert, remove_columns=list({question_column, answer_column}))
+    return dataset.map(convert)
+
+
+def is_prompt_dataset(dataset: Dataset) -> bool:
+    """Whether rows are TRL's prompt layout: a ``prompt`` column, and not the official RL layout."""
+    return "prompt" in dataset.column_names and not is_official_rl(dataset)
+
+
+def _is_messages(value) -> bool:
+    # a role that is not text: Arrow fills the keys one row lacks with None when rows' messages differ in shape
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in value)
+    )
+
+
+def prompt_dataset(dataset: Dataset, system_prompt: str | None = None) -> Dataset:
+    """A TRL prompt dataset, checked and otherwise unchanged; `system_prompt`, when given, replaces the system
+    message of conversational prompts (or is put first where there is none).
+
+    Every prompt must be text (standard) or a list of ``{role, content}`` messages (conversational), all rows
+    alike; a system prompt cannot be added to text prompts (their chat template is applied by the trainer, and
+    the text may already hold one), so that combination is refused.
+    """
+    prompts = dataset["prompt"]
+    kinds = {"standard" if isinstance(p, str) else "conversational" if _is_messages(p) else None for p in prompts}
+    if None in kinds:
+        index = next(i for i, p in enumerate(prompts) if not isinstance(p, str) and not _is_messages(p))
+        raise ValueError(
+            f"row {index}: 'prompt' must be text or a list of {{role, content}} messages, got {prompts[index]!r}"
+        )
+    if len(kinds) > 1:
+        raise ValueError("the 'prompt' column mixes text and message lists: use one layout for every row")
+    if system_prompt is None:
+        return dataset
+    if kinds == {"standard"}:
+        raise ValueError(
+            "system_prompt cannot be added to a standard (text) prompt dataset: leave system_prompt unset, or "
+            "use conversational prompts (lists of messages)"
+        )
+
+    def convert(row):
+        messages = [m for m in row["prompt"] if m["role"] != "system"]
+        return {"prompt": [{"role": "system", "content": system_prompt}] + messages}
+
+    return dataset.map(convert)
 
 
 def reasoning_gym_dataset(task: str, size: int, seed: int = 0) -> Dataset:
@@ -92,10 +153,12 @@ def _subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
     return dataset
 
 
-def load_questions(spec: str, size: int | None = None, seed: int = 0, split: str = "train") -> Dataset:
-    """A question/answer dataset from ``reasoning_gym:<task>``, a ``.jsonl``/``.json``/``.parquet`` file, a saved
-    dataset or a name. `size` rows are drawn with `seed`; None means all of them (1,000 generated ones for
-    reasoning_gym, which has no natural size)."""
+def load_questions(
+    spec: str, size: int | None = None, seed: int = 0, split: str = "train", config: str | None = None
+) -> Dataset:
+    """A dataset from ``reasoning_gym:<task>``, a ``.jsonl``/``.json``/``.parquet`` file, a saved dataset, or a
+    directory of data files or a name (read with `datasets.load_dataset`, its `config` and `split`). `size` rows are
+    drawn with `seed`; None means all of them (1,000 generated ones for reasoning_gym, which has no natural size)."""
     if spec.startswith("reasoning_gym:"):
         return reasoning_gym_dataset(spec.split(":", 1)[1], size or 1000, seed)
     if spec.endswith(".jsonl") or spec.endswith(".json"):
@@ -107,7 +170,7 @@ def load_questions(spec: str, size: int | None = None, seed: int = 0, split: str
     elif os.path.isdir(spec) and os.path.exists(os.path.join(spec, "dataset_info.json")):
         dataset = load_from_disk(spec)
     else:
-        dataset = load_dataset(spec, split=split)
+        dataset = load_dataset(spec, name=config, split=split)
     return _subset(dataset, size, seed)
 
 

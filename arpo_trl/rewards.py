@@ -8,6 +8,9 @@
   one; docs/reproduction.md explains it.
 - `math_exact_reward`: 1 when `math-verify` finds the last boxed answer equal to the gold one, else 0 — an exact
   variant for math, a departure from the paper (which trains with F1 everywhere).
+
+`get_reward_function` also resolves the names ``trl grpo`` knows (TRL's own reward functions, with the parameters
+TRL's script gives them) and dotted paths, imported from the current directory as TRL's script does.
 """
 
 from __future__ import annotations
@@ -190,14 +193,45 @@ REWARD_FUNCTIONS: dict[str, Callable[..., list[float]]] = {
     "math_exact": math_exact_reward,
 }
 
+# The names `trl grpo` (trl/scripts/grpo.py) resolves, to what it resolves them: TRL's reward functions, and the
+# soft overlong punishment built with the parameters that script gives it.
+TRL_REWARD_NAMES = (
+    "accuracy_reward",
+    "reasoning_accuracy_reward",
+    "think_format_reward",
+    "get_soft_overlong_punishment",
+)
+
+
+def trl_reward_function(name: str) -> Callable[..., list[float]]:
+    """TRL's reward function `name`, exactly as ``trl grpo`` builds it."""
+    import trl.rewards
+
+    if name == "get_soft_overlong_punishment":
+        return trl.rewards.get_soft_overlong_punishment(max_completion_len=1280, soft_punish_cache=256)
+    if name not in TRL_REWARD_NAMES:
+        raise ValueError(f"{name!r} is not one of TRL's named rewards ({', '.join(TRL_REWARD_NAMES)})")
+    return getattr(trl.rewards, name)
+
 
 def get_reward_function(name: str) -> Callable[..., list[float]]:
-    """A reward by registry name, or by dotted path ``package.module.function``."""
+    """A reward by name (ARPO's: arpo_f1, math_exact; TRL's: accuracy_reward, ...), or by dotted path
+    ``package.module.function``, imported from the current directory too (TRL's script puts it on sys.path)."""
     if name in REWARD_FUNCTIONS:
         return REWARD_FUNCTIONS[name]
+    if name in TRL_REWARD_NAMES:
+        return trl_reward_function(name)
     if "." in name:
         import importlib
+        import os
+        import sys
 
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
         module, _, attr = name.rpartition(".")
-        return getattr(importlib.import_module(module), attr)
-    raise ValueError(f"unknown reward {name!r}; use one of {', '.join(REWARD_FUNCTIONS)} or a dotted path")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"cannot load reward {name!r}: {exc}") from exc
+    known = ", ".join([*REWARD_FUNCTIONS, *TRL_REWARD_NAMES])
+    raise ValueError(f"unknown reward {name!r}; use one of {known} or a dotted path")
