@@ -176,21 +176,50 @@ def test_environ_sets_and_removes_variables_for_the_block_and_restores_them_afte
     assert os.environ["ARPO_TEST_SET"] == "before"
 
 
-def test_the_script_is_hidden_from_the_spawned_engine_and_restored_after_an_error(monkeypatch):
+def test_the_script_is_not_reimported_by_spawned_children_and_main_stays_readable(monkeypatch):
+    import inspect
+    import multiprocessing.spawn as spawn
+    import threading
+
+    original = spawn.get_preparation_data
     script = types.ModuleType("__main__")
-    spec = object()
+    spec = types.SimpleNamespace(name="train")
     script.__file__, script.__spec__ = "/work/train.py", spec
     monkeypatch.setitem(sys.modules, "__main__", script)
+    assert spawn.get_preparation_data("p")["init_main_from_name"] == "train"
     with pytest.raises(RuntimeError, match="start failed"), _main_not_reimported():
-        assert (script.__file__, script.__spec__) == (None, None)
+        data = spawn.get_preparation_data("p")
+        assert "init_main_from_name" not in data and "init_main_from_path" not in data
+        assert data["sys_path"] == original("p")["sys_path"]  # the rest of the data is multiprocessing's own
+        # `__main__` itself is untouched (vLLM's start reads it through `inspect` when its cache is empty).
+        assert (script.__file__, script.__spec__) == ("/work/train.py", spec)
+        inspect.getframeinfo(sys._getframe())
         raise RuntimeError("start failed")
-    assert (script.__file__, script.__spec__) == ("/work/train.py", spec)
-    interactive = types.ModuleType("__main__")  # no file: nothing to hide, nothing added
-    del interactive.__spec__
-    monkeypatch.setitem(sys.modules, "__main__", interactive)
+    assert spawn.get_preparation_data is original
+    script.__spec__ = None  # run as a file: the path is what the child would run
+    assert spawn.get_preparation_data("p")["init_main_from_path"] == "/work/train.py"
     with _main_not_reimported():
-        assert "__file__" not in vars(interactive) and "__spec__" not in vars(interactive)
-    assert "__file__" not in vars(interactive) and "__spec__" not in vars(interactive)
+        assert "init_main_from_path" not in spawn.get_preparation_data("p")
+    assert spawn.get_preparation_data is original
+    # Starts from several threads overlap: multiprocessing's own comes back only when the last one ends.
+    entered, release = threading.Barrier(3), threading.Event()
+
+    def start() -> None:
+        with _main_not_reimported():
+            entered.wait()
+            release.wait()
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    entered.wait()
+    with _main_not_reimported():
+        pass
+    assert "init_main_from_path" not in spawn.get_preparation_data("p")  # the other two are still starting
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert spawn.get_preparation_data is original
     monkeypatch.delitem(sys.modules, "__main__")
     with _main_not_reimported():  # embedded interpreters may have none
         pass

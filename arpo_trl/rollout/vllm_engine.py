@@ -24,8 +24,8 @@ import contextlib
 import importlib.util
 import itertools
 import mmap
+import multiprocessing.spawn
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -201,22 +201,45 @@ def _environ(**values: str | None) -> Iterator[None]:
                 os.environ[key] = value
 
 
+_spawn_patch_lock = threading.Lock()
+_spawn_patch_depth = 0
+_get_preparation_data: Any = None  # multiprocessing's own, while ours replaces it
+
+
+def _preparation_data_without_main(name: str) -> dict[str, Any]:
+    """`multiprocessing.spawn.get_preparation_data` less what makes the child import `__main__`."""
+    data = _get_preparation_data(name)
+    data.pop("init_main_from_name", None)
+    data.pop("init_main_from_path", None)
+    return data
+
+
 @contextlib.contextmanager
 def _main_not_reimported() -> Iterator[None]:
-    """While vLLM spawns its engine process: hide the script's path and module name, so that the child does not
-    run the script again. `spawn` re-imports `__main__` in the child; a script that builds its trainer at top level
+    """While vLLM spawns its engine process: processes spawned do not run the script again. `spawn` re-imports
+    `__main__` in the child (from its `__spec__` or `__file__`); a script that builds its trainer at top level
     (most TRL scripts: TRL's own colocated engine spawns nothing) would then start a second engine from inside the
-    child and fail with multiprocessing's "bootstrapping phase" error. The child needs nothing from the script:
-    it runs vLLM's engine from vLLM's own modules."""
-    main = sys.modules.get("__main__")
-    saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if main is not None and key in main.__dict__}
+    child and fail with multiprocessing's "bootstrapping phase" error. The child needs nothing from the script: it
+    runs vLLM's engine from vLLM's own modules.
+
+    Only the data multiprocessing hands the child loses the script's name and path; `__main__` itself is left
+    untouched, because the parent reads it meanwhile: with an empty vLLM cache, vLLM inspects the model class, and
+    `torch.library.register_fake` (in `vllm._custom_ops`) finds its caller's source with `inspect`, which fails on
+    a `__main__` whose `__file__` is None. Nesting and concurrent starts from several threads are safe: the first
+    to enter installs the filter, the last to leave removes it."""
+    global _spawn_patch_depth, _get_preparation_data
+    with _spawn_patch_lock:
+        if _spawn_patch_depth == 0:
+            _get_preparation_data = multiprocessing.spawn.get_preparation_data
+            multiprocessing.spawn.get_preparation_data = _preparation_data_without_main
+        _spawn_patch_depth += 1
     try:
-        for key in saved:
-            setattr(main, key, None)
         yield
     finally:
-        for key, value in saved.items():
-            setattr(main, key, value)
+        with _spawn_patch_lock:
+            _spawn_patch_depth -= 1
+            if _spawn_patch_depth == 0:
+                multiprocessing.spawn.get_preparation_data = _get_preparation_data
 
 
 def _scratch_dir() -> str:
@@ -245,8 +268,8 @@ class VLLMEngine:
         engine_kwargs: any other `vllm.AsyncEngineArgs` field (``block_size``, ``max_num_seqs``, ...). The block
             size defaults to 32, the smallest the CPU backend accepts, so more of a fork's prefix is reused.
 
-    vLLM's engine runs in spawned processes: a script that creates one needs an ``if __name__ == "__main__":``
-    guard.
+    vLLM's engine runs in spawned processes, which do not run the creating script again: a script without an
+    ``if __name__ == "__main__":`` guard works (see `_main_not_reimported`).
     """
 
     def __init__(

@@ -1,11 +1,17 @@
-"""Helpers of the vLLM tests: prompts, streams and teacher forcing (the head-size re-layout, `widen_heads`, is in
-`arpo_trl.testing`; re-exported here for the modules that import it from this one)."""
+"""Helpers of the vLLM tests: prompts, streams, teacher forcing and the environment of a fresh machine (the head-size
+re-layout, `widen_heads`, is in `arpo_trl.testing`; re-exported here for the modules that import it from this
+one)."""
+
+import os
+from pathlib import Path
 
 import torch
 
 from arpo_trl.rollout.entropy import token_entropy
 from arpo_trl.testing import calc_prompt
 from arpo_trl.testing import widen_heads as widen_heads  # re-exported: test_trainer_vllm.py imports it from here
+
+REPO = Path(__file__).resolve().parents[2]
 
 # |vLLM − transformers| on logprobs and entropies, float32 on both sides. Measured on this model (32 tokens × 4
 # requests, T = 1 and 0.7, tests/vllm/measure_engine.py): at most 9e-6 for logprobs and 7e-6 for entropies; the
@@ -48,3 +54,29 @@ def teacher_forced(model, prompt: list[int], ids: list[int], temperature: float 
         logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(ids)]
     scaled = logits.float() / temperature
     return torch.log_softmax(scaled, dim=-1), token_entropy(logits, temperature)
+
+
+def fresh_env(root: Path) -> dict[str, str]:
+    """An environment with nothing a previous run could have left: every cache under `root`, which is empty."""
+    home = root / "home"
+    home.mkdir()
+    return {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "VLLM_CACHE_ROOT": str(root / "vllm-cache"),
+        "VLLM_CONFIG_ROOT": str(root / "vllm-config"),
+        "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+        "TRITON_CACHE_DIR": str(root / "triton"),
+        "HF_HOME": str(root / "hf"),
+        "ARPO_CACHE": str(root / "arpo"),
+    }
+
+
+def cached_architectures(cache_root: Path) -> list[str]:
+    """The architectures vLLM described in its cache under `cache_root` (once it has inspected a model class)."""
+    return sorted(p.stem.rsplit("-", 1)[1] for p in (cache_root / "modelinfos").glob("*.json"))
