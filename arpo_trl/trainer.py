@@ -30,6 +30,7 @@ from .rollout.entropy import EntropyRecorder, output_logit_transform
 from .rollout.environments import NOT_TOOLS, check_forkable, environment_tools
 from .rollout.generation import TransformersGenerator
 from .rollout.protocols import ChatTemplateProtocol, TagProtocol
+from .rollout.rollout_tree import prompt_keys
 from .rollout.tree import Trajectory
 from .tools import ToolExecutor, as_function, tools_by_name
 
@@ -398,14 +399,17 @@ class ARPOTrainer(GRPOTrainer):
         return seed
 
     def _generate(self, prompts: list):
-        """ARPO's tree rollout (training) or plain tool-using sampling (evaluation); returns what TRL's does."""
+        """ARPO's tree rollout (training) or plain tool-using sampling (evaluation); returns what TRL's does.
+
+        The rows of a group may start from different prompts (an environment's `reset` appends its own observation to
+        each). A branch continues its parent's prompt, not its row's: row i's prompt ids, its entry of `prompts` (the
+        list TRL passed in, which TRL's reward functions and logs read afterwards, updated in place) and
+        `self.environments[i]` are those its completion was generated from."""
         mode = "train" if self.model.training else "eval"
-        prompts = copy.deepcopy(prompts)
+        trl_prompts, prompts = prompts, copy.deepcopy(prompts)
         prompt_ids, images, multimodal_fields = self._tokenize_prompts(prompts)
         if images is not None or multimodal_fields:
             raise NotImplementedError("ARPOTrainer does not support image inputs yet")
-        if isinstance(self.tool_protocol, ChatTemplateProtocol):
-            self.tool_protocol.prompt_ids = prompt_ids
         seed = self._seed_branching(mode)
         common = dict(
             settings=self._rollout_settings(mode),
@@ -441,6 +445,9 @@ class ARPOTrainer(GRPOTrainer):
             trajectories, stats = rollout.run(prompt_ids, self.environments or None)
             logprobs = None
         self._metrics[mode]["arpo/rollout_seconds"].append(time.perf_counter() - started)  # wall time, tools included
+        prompt_ids = [t.prompt_ids for t in trajectories]  # each row's own; a branch's is its parent's
+        if any(t.origin != t.slot for t in trajectories):
+            trl_prompts[:] = [trl_prompts[t.origin] for t in trajectories]  # a new list is built before the slice
         self.last_rollout = RolloutRecord(mode, prompt_ids, trajectories, stats)
         if self.environments:
             # Each completion's own environment (a branch's is its copy): what TRL hands to rewards (`environments=`,
@@ -690,7 +697,16 @@ class ARPOTrainer(GRPOTrainer):
             lengths = torch.tensor([len(t.completion_ids) for t in record.trajectories], device=self.accelerator.device)
             ids = output["completion_ids"]
             valid = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).long()
-            output["advantages"] = hard_attribution(ids, valid, output["advantages"], self.num_generations)
+            # Rows share a prefix only when their prompts are equal too: a leading column numbers each row's prompt
+            # within its group (rows of one prompt agree on it, rows of different reset observations do not).
+            keys = torch.tensor(prompt_keys(record.prompt_ids, self.num_generations), device=ids.device)
+            hard = hard_attribution(
+                torch.cat([keys[:, None], ids], dim=1),
+                torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1),
+                output["advantages"],
+                self.num_generations,
+            )
+            output["advantages"] = hard[:, 1:]
         return output
 
 

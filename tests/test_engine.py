@@ -217,21 +217,6 @@ def test_ranks_make_the_same_number_of_generate_calls_however_their_trees_branch
     assert 0 in gens[0].call_log  # rank 0 finished early and joined the remaining rounds with no rows
 
 
-def test_mixed_prompts_inside_a_group_are_refused(tokenizer):
-    settings = RolloutSettings(group_size=2, initial_rollouts=1)
-    engine = TreeRollout(
-        settings,
-        ScriptedGenerator(tokenizer),
-        TagProtocol(tokenizer, ["calc"]),
-        ToolExecutor([calc]),
-        BranchPolicy(1, 0),
-        len(tokenizer),
-        tokenizer.eos_token_id,
-    )
-    with pytest.raises(ValueError, match="one prompt repeated"):
-        engine.run([[1, 2], [1, 3]])
-
-
 def test_entropy_is_requested_only_for_rows_whose_window_is_read(tokenizer):
     gen = ScriptedGenerator(tokenizer, calls=2)
     rollout(tokenizer, m=4, n=2, alpha=0.0, beta=0.0, generator=gen, groups=1)

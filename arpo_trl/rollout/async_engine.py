@@ -95,7 +95,9 @@ class AsyncTreeRollout(TreeDriver):
         self, prompt_ids: Sequence[list[int]], environments: Sequence[Any] | None = None, seed: int | None = None
     ) -> tuple[list[Trajectory], RolloutStats]:
         """Roll out `prompt_ids` (len B = groups × M, groups contiguous); return B finished trajectories in slot
-        order and the statistics (blocks the calling thread while the engine's loop runs the rollout).
+        order and the statistics (blocks the calling thread while the engine's loop runs the rollout). As in
+        `engine.TreeRollout.run`, a root or fresh rollout in slot i starts from `prompt_ids[i]` and `environments[i]`
+        (the rows of a group may differ); a branch continues its parent's prompt and environment copy.
 
         `seed`: each request samples from its own stream, seeded by (seed, slot, position), so a segment's tokens do
         not depend on what else the engine is batching. Which decisions claim the last slots still depends on

@@ -86,8 +86,9 @@ class TreeRollout(TreeDriver):
         """Roll out `prompt_ids` (len B = groups × M, groups contiguous); return B finished trajectories in slot
         order and the rollout's statistics.
 
-        `environments[i]` (TRL's `environment_factory`, reset for row i) is the environment of whatever trajectory
-        starts from the prompt in slot i (a root or a fresh rollout); a branch takes a copy of its parent's."""
+        `prompt_ids[i]` and `environments[i]` (TRL's `environment_factory`, reset for row i) are where a trajectory
+        starting in slot i (a root or a fresh rollout) starts; the rows of a group may differ. A branch continues its
+        parent's prompt with a copy of its parent's environment."""
         tree = self.new_tree(prompt_ids, environments)
         stats = tree.stats
         live = tree.start()

@@ -90,7 +90,6 @@ class ChatTemplateProtocol:
 
     def __init__(self, trainer: GRPOTrainer) -> None:
         self.trainer = trainer
-        self.prompt_ids: list[list[int]] = []  # set for each batch: the context `parse_response` needs
 
     @property
     def parses_responses(self) -> bool:
@@ -106,7 +105,8 @@ class ChatTemplateProtocol:
                 {"role": "assistant", "content": t._tokenizer.decode(segment.ids, skip_special_tokens=True)}
             )
             return []
-        context = self.prompt_ids[traj.slot] + traj.completion_ids[: len(traj.completion_ids) - len(segment.ids)]
+        # Its own prompt (a branch's is its parent's) and the turns before this one.
+        context = traj.prompt_ids + traj.completion_ids[: len(traj.completion_ids) - len(segment.ids)]
         message = parse_response(t._tokenizer, segment.ids, prefix=context, tools=t.tools)
         traj.messages.append(message)
         if segment.finish != "eos":

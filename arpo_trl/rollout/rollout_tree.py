@@ -27,6 +27,11 @@ The algorithm:
    ``"fresh"``.
 
 Every group ends with exactly M finished trajectories, in slot order.
+
+A group's M rows are one dataset prompt (TRL's RepeatSampler), but their prompt ids may differ: a TRL environment's
+`reset` may draw a random state per row and append its observation to that row's prompt. A root or a fresh rollout
+in slot i starts from row i's prompt and environment; a branch continues its parent's prompt and a copy of its
+parent's environment, whatever its slot. The budget of M slots and the group advantages stay the dataset prompt's.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ class ToolProtocol(Protocol):
 @dataclass
 class RolloutSettings:
     group_size: int  # M
-    initial_rollouts: int  # N
+    initial_rollouts: int | list[int]  # N; a list: N of each group (AEPO's dynamic budget split)
     branch_factor: int = 1  # Z
     entropy_window: int = 20  # k
     entropy_timing: str = "after_tool"
@@ -125,18 +130,19 @@ class RolloutTree:
         m = s.group_size
         if len(prompt_ids) % m:
             raise ValueError(f"{len(prompt_ids)} prompts cannot form groups of M={m}")
-        for g in range(0, len(prompt_ids), m):
-            if any(prompt_ids[i] != prompt_ids[g] for i in range(g, g + m)):
-                raise ValueError(
-                    f"rows {g}..{g + m - 1} should be one prompt repeated M={m} times (TRL's RepeatSampler); "
-                    "ARPO forks branches inside a group, so each group must hold a single prompt (with "
-                    "environment_factory: `reset` must return the same observation for the M rows of a prompt)"
-                )
         self.num_groups = len(prompt_ids) // m
-        self.prompts = [list(prompt_ids[g * m]) for g in range(self.num_groups)]
-        if s.max_model_len is not None and max(map(len, self.prompts)) >= s.max_model_len - 1:
+        # Row i's prompt: the rows of a group may differ (an environment's reset observation); rows with equal
+        # prompts share one list, so a group of one repeated prompt holds it once.
+        # (Reconstructed from the compiled module after the working copy was lost; comments may differ.)
+        self.row_prompts: list[list[int]] = []
+        for g in range(self.num_groups):
+            distinct: dict[tuple[int, ...], list[int]] = {}
+            for i in range(g * m, (g + 1) * m):
+                self.row_prompts.append(distinct.setdefault(tuple(prompt_ids[i]), list(prompt_ids[i])))
+        longest = max(map(len, self.row_prompts), default=0)
+        if s.max_model_len is not None and longest >= s.max_model_len - 1:
             raise ValueError(
-                f"a prompt of {max(map(len, self.prompts))} tokens leaves no room for a completion within the "
+                f"a prompt of {longest} tokens leaves no room for a completion within the "
                 f"model's context of {s.max_model_len} tokens; shorten the prompts"
             )
         self.protocol = protocol
@@ -149,18 +155,24 @@ class RolloutTree:
         self.frozen_initial = frozen_initial if frozen_initial is not None else {}
         self.stats = RolloutStats(groups=self.num_groups, completions=len(prompt_ids))
         self.slots: list[Trajectory | None] = [None] * len(prompt_ids)
-        self.pool = SlotPool(self.num_groups, m, s.initial_rollouts)
+        n = s.initial_rollouts
+        self.initial = list(n) if isinstance(n, (list, tuple)) else [n] * self.num_groups  # N of each group
+        if len(self.initial) != self.num_groups or not all(1 <= x <= m for x in self.initial):
+            raise ValueError(f"initial_rollouts {n!r}: one N in [1, M={m}] per group ({self.num_groups} groups)")
+        self.pool = SlotPool(self.num_groups, m, 0)
+        for g, roots in enumerate(self.initial):
+            self.pool.take(g, roots)  # the root slots [g·M, g·M + N_g): the lowest, taken first
 
     # ------------------------------------------------------------------ reading the state
     def prefix(self, traj: Trajectory) -> list[int]:
         """Prompt + completion so far: what the model continues."""
-        return self.prompts[traj.group] + traj.completion_ids
+        return traj.prompt_ids + traj.completion_ids
 
     def room(self, traj: Trajectory) -> int:
         """Tokens `traj` may still add: within max_completion_length, and within the model's context as TRL keeps."""
         room = self.s.max_completion_length - len(traj.completion_ids)
         if self.s.max_model_len is not None:
-            room = min(room, self.s.max_model_len - 1 - len(self.prompts[traj.group]) - len(traj.completion_ids))
+            room = min(room, self.s.max_model_len - 1 - len(traj.prompt_ids) - len(traj.completion_ids))
         return room
 
     def window(self, entropies: Sequence[float]) -> float | None:
@@ -192,7 +204,7 @@ class RolloutTree:
         """The N roots of every group (and, with speculative fill, fresh rollouts in the free slots)."""
         m, started = self.s.group_size, []
         for g in range(self.num_groups):
-            for j in range(self.s.initial_rollouts):
+            for j in range(self.initial[g]):
                 started.append(self._place(Trajectory(slot=g * m + j, group=g, kind=ROOT)))
             if self.s.rollout_fill == "speculative" and self.s.branching:
                 for slot in self.pool.lend(g):
@@ -201,9 +213,12 @@ class RolloutTree:
         return started
 
     def _place(self, traj: Trajectory) -> Trajectory:
-        """Put a trajectory that starts from the prompt in its slot, with that slot's environment."""
-        if self.environments is not None and traj.env is None and traj.kind in (ROOT, FRESH):
-            traj.env = self.environments[traj.slot]
+        """Put `traj` in its slot. One that starts from the prompt (a root, a fresh rollout) takes that row's prompt and
+        environment; a branch keeps its parent's (the row's own freshly reset environment is set aside)."""
+        if traj.kind in (ROOT, FRESH):
+            traj.prompt_ids, traj.origin = self.row_prompts[traj.slot], traj.slot
+            if self.environments is not None and traj.env is None:
+                traj.env = self.environments[traj.slot]
         self.slots[traj.slot] = traj
         return traj
 
@@ -386,6 +401,17 @@ class RolloutTree:
         return finished
 
 
+def prompt_keys(prompt_ids: Sequence[Sequence[int]], group_size: int) -> list[int]:
+    """For each row, the position within its group of the first row with an equal prompt: rows whose keys differ share
+    no prefix, whatever their completions (hard attribution, the tree pages)."""
+    keys: list[int] = []
+    for g in range(0, len(prompt_ids), group_size):
+        first: dict[tuple[int, ...], int] = {}
+        for j, ids in enumerate(prompt_ids[g : g + group_size]):
+            keys.append(first.setdefault(tuple(ids), j))
+    return keys
+
+
 class TreeDriver:
     """What both drivers of the tree hold: the round driver (`engine.TreeRollout`) and the asynchronous one
     (`async_engine.AsyncTreeRollout`). The settings, the parts every batch's `RolloutTree` is built from, the tool
@@ -436,4 +462,5 @@ __all__ = [
     "Segment",
     "ToolProtocol",
     "TreeDriver",
+    "prompt_keys",
 ]

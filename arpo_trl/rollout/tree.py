@@ -5,6 +5,11 @@ other M − N slots are free. A branch is a copy of a live trajectory's exact to
 result, moved into a free slot; a fresh rollout is a new root placed in a free slot once branching can no
 longer use it (with speculative fill: from the start, until a branch reclaims the slot). Each slot ends holding
 exactly one finished trajectory, so the group has exactly M completions.
+
+The M rows of a group need not share one prompt (a TRL environment's `reset` may append a random observation to
+each row's prompt). A root or a fresh rollout starts from its own row's prompt (and environment); a branch
+continues its parent's prompt, so a trajectory carries the prompt it was generated from (`prompt_ids`) and the row
+that prompt came from (`origin`).
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ class Trajectory:
     slot: int
     group: int
     kind: str = ROOT
+    # The prompt this trajectory continues and the row it came from: its own slot for a root or a fresh rollout, the
+    # parent's for a branch (a shared list object, not a copy: rows of one prompt hold it once).
+    prompt_ids: list[int] = field(default_factory=list)
+    origin: int | None = None
     completion_ids: list[int] = field(default_factory=list)
     tool_mask: list[int] = field(default_factory=list)  # 1: sampled by the model, 0: written by the environment
     token_entropies: list[float] = field(default_factory=list)  # H of each token's distribution; NaN for env tokens
@@ -87,6 +96,8 @@ class Trajectory:
             slot=slot,
             group=self.group,
             kind=BRANCH,
+            prompt_ids=self.prompt_ids,
+            origin=self.origin,
             completion_ids=list(self.completion_ids),
             tool_mask=list(self.tool_mask),
             token_entropies=list(self.token_entropies),

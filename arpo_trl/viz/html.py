@@ -5,7 +5,8 @@ wandb's HTML panel, or attached to a bug report. Every piece of model or tool te
 
 Per prompt (group) the page shows:
 
-- an SVG tree, left to right: the prompt, then one box per segment (see `arpo_trl.viz.trees`): the start of the
+- an SVG tree, left to right: the prompt (one box per distinct prompt when the rows of the group start from
+  different ones, e.g. an environment's random reset observations), then one box per segment (see `arpo_trl.viz.trees`): the start of the
   text the model sampled, the tool it called, H_t and ΔH_t = H_t − H_initial of the branching decision taken
   after its result, the probability P_t = clip(α + β·ΔH_t, 0, 1) and whether it forked; a fork edge is drawn
   dashed orange. Every row ends in a leaf box with its reward R_i, its soft advantage Â_i and its hard
@@ -123,14 +124,28 @@ def _layout(tree: GroupTree) -> tuple[dict[int, tuple[float, float]], dict[int, 
         node_xy[node.id] = (PAD + node.depth * COL, y)
         return y
 
-    root_ys = [place(root) for root in tree.roots]
-    node_xy[-1] = (PAD, (min(root_ys) + max(root_ys)) / 2 if root_ys else PAD)
+    # A prompt's box (key −1 − its index) is centred on the roots that continue it.
+    root_ys: dict[int, list[float]] = {}
+    for root in tree.roots:
+        root_ys.setdefault(root.prompt, []).append(place(root))
+    for p in range(len(tree.prompts)):
+        ys = root_ys.get(p) or [PAD]
+        node_xy[-1 - p] = (PAD, (min(ys) + max(ys)) / 2)
     width = PAD * 2 + leaf_col * COL + LEAF_W
     height = PAD * 2 + max(1, next_row[0]) * ROW
     return node_xy, leaf_xy, width, height
 
 
 # ---------------------------------------------------------------------------------------------------- SVG
+
+
+def _prompt_label(tree: GroupTree, p: int) -> str:
+    """Which of the group's distinct prompts `p` is ("2/3 "); empty when the group has one."""
+    return f"{p + 1}/{len(tree.prompts)} " if len(tree.prompts) > 1 else ""
+
+
+def _prompt_anchor(tree: GroupTree, p: int) -> str:
+    return "prompt" if len(tree.prompts) == 1 else f"prompt{p}"
 
 
 def _edge(x1: float, y1: float, x2: float, y2: float, style: str, label: str = "") -> str:
@@ -185,11 +200,11 @@ def _group_svg(tree: GroupTree, decode: Decode, anchor: str) -> str:
     lo, hi = (min(rewards), max(rewards)) if rewards else (0.0, 0.0)
     parts = [f'<svg class="tree" width="{width:.0f}" height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}">']
     edges, boxes = [], []
-    px, py = node_xy[-1]
     by_id = {n.id: n for n in tree.nodes}
     for node in tree.nodes:
         x, y = node_xy[node.id]
         if node.parent is None:
+            px, py = node_xy[-1 - node.prompt]
             sx, sy = px + NODE_W, py + NODE_H / 2
             style = 'fill="none" stroke="#95a5a6" stroke-width="1.5"'
             if node.origin_kind == "fresh":
@@ -222,7 +237,7 @@ def _group_svg(tree: GroupTree, decode: Decode, anchor: str) -> str:
         )
     for leaf in tree.leaves:
         x, y = leaf_xy[leaf.slot]
-        nx, ny = node_xy[leaf.node.id] if leaf.node.id in by_id else (px, py)
+        nx, ny = node_xy[leaf.node.id] if leaf.node.id in by_id else node_xy[-1 - leaf.prompt]
         edges.append(
             _edge(
                 nx + NODE_W,
@@ -247,17 +262,23 @@ def _group_svg(tree: GroupTree, decode: Decode, anchor: str) -> str:
             f'<rect x="{x:.0f}" y="{y:.0f}" width="{LEAF_W}" height="{LEAF_H}" rx="6" fill="{fill}" stroke="#555" '
             f'stroke-width="1"/>{_text_lines(x, y, lines)}</a></g>'
         )
-    prompt_text = decode(tree.prompt_ids)
-    tail = _snippet(re.sub(r"<\|[^|>]*\|>", " ", prompt_text), 10**9)[-64:]
-    boxes.append(
-        f'<g class="prompt"><a class="nodelink" href="#{anchor}prompt"><title>{_e(prompt_text)}</title>'
-        f'<rect x="{px:.0f}" y="{py:.0f}" width="{NODE_W}" height="{NODE_H}" rx="6" fill="{PROMPT_FILL}"/>'
-        f'<text x="{px + 8:.0f}" y="{py + 18:.0f}" fill="#fff" class="title">prompt · group {tree.group}</text>'
-        f'<text x="{px + 8:.0f}" y="{py + 38:.0f}" fill="#fff">{_e(tail[:32])}</text>'
-        f'<text x="{px + 8:.0f}" y="{py + 54:.0f}" fill="#fff">{_e(tail[32:])}</text>'
-        f'<text x="{px + 8:.0f}" y="{py + 74:.0f}" fill="#fff">{len(tree.leaves)} rows · {len(tree.nodes)} segments</text>'
-        "</a></g>"
-    )
+    for p, prompt in enumerate(tree.prompts):
+        px, py = node_xy[-1 - p]
+        prompt_text = decode(prompt)
+        tail = _snippet(re.sub(r"<\|[^|>]*\|>", " ", prompt_text), 10**9)[-64:]
+        rows = sum(leaf.prompt == p for leaf in tree.leaves)
+        segments = sum(node.prompt == p for node in tree.nodes)
+        title = f"prompt {_prompt_label(tree, p)}· group {tree.group}"
+        boxes.append(
+            f'<g class="prompt" data-prompt="{p}"><a class="nodelink" href="#{anchor}{_prompt_anchor(tree, p)}">'
+            f"<title>{_e(prompt_text)}</title>"
+            f'<rect x="{px:.0f}" y="{py:.0f}" width="{NODE_W}" height="{NODE_H}" rx="6" fill="{PROMPT_FILL}"/>'
+            f'<text x="{px + 8:.0f}" y="{py + 18:.0f}" fill="#fff" class="title">{_e(title)}</text>'
+            f'<text x="{px + 8:.0f}" y="{py + 38:.0f}" fill="#fff">{_e(tail[:32])}</text>'
+            f'<text x="{px + 8:.0f}" y="{py + 54:.0f}" fill="#fff">{_e(tail[32:])}</text>'
+            f'<text x="{px + 8:.0f}" y="{py + 74:.0f}" fill="#fff">{rows} rows · {segments} segments</text>'
+            "</a></g>"
+        )
     parts += edges + boxes + ["</svg>"]
     return "".join(parts)
 
@@ -393,10 +414,14 @@ def tree_html(
     for tree in trees:
         anchor = f"g{tree.group}"
         out.append(f'<section class="group" id="{anchor}"><h2>Prompt {tree.group}</h2>')
-        out.append(
-            f'<details class="card" id="{anchor}prompt"><summary>prompt ({len(tree.prompt_ids)} tokens)</summary>'
-            f"<pre>{_e(decode(tree.prompt_ids))}</pre></details>"
-        )
+        for p, prompt in enumerate(tree.prompts):
+            slots = [leaf.slot for leaf in tree.leaves if leaf.prompt == p]
+            whose = f", slots {_e(slots)}" if len(tree.prompts) > 1 else ""
+            out.append(
+                f'<details class="card" id="{anchor}{_prompt_anchor(tree, p)}"><summary>prompt '
+                f"{_e(_prompt_label(tree, p))}({len(prompt)} tokens{whose})</summary>"
+                f"<pre>{_e(decode(prompt))}</pre></details>"
+            )
         out.append(f'<div class="scroll">{_group_svg(tree, decode, anchor)}</div>')
         out.append(_rows_table(tree, anchor))
         out.extend(_card(node, decode, anchor) for node in tree.nodes)

@@ -1,13 +1,16 @@
 """Rollout trees rebuilt from recorded trajectories (the data model behind `render_tree`).
 
 A prompt's M trajectories (its *group*) form a tree (paper §3.1, Fig. 3): the N roots start at the prompt, and a
-branch shares its parent's tokens exactly up to the tool result it was forked after. Here a **node** is one
+branch shares its parent's tokens exactly up to the tool result it was forked after. When the rows of a group start
+from different prompts (a TRL environment's `reset` appends a random observation to each), the group is a forest:
+one tree per distinct prompt (`GroupTree.prompts`), each holding the rows that continue it (a branch continues its
+parent's prompt). Here a **node** is one
 *segment* of a completion: the tokens the model sampled (ending with a tool call, or with the final answer)
 followed by the environment's tool-result tokens (``tool_mask == 0``). Segments end where the model resumes after
 a result, which is exactly where ARPO forks, so a branch's path is its parent's path up to the fork node.
 
-The tree is a trie over segments: two rows pass through the same node iff their completions agree token for token
-up to that node's end. That is the sharing `arpo_trl.advantages.hard_attribution` averages over, so rows whose
+The tree is a trie over segments: two rows pass through the same node iff their prompts are equal and their
+completions agree token for token up to that node's end. That is the sharing `arpo_trl.advantages.hard_attribution` averages over, so rows whose
 segments coincide by chance share a node too (and a ``duplicate`` row ends on its source's leaf).
 
 Per node the builder collects what the paper's algorithm looked at there:
@@ -32,6 +35,7 @@ import torch
 
 from ..advantages import hard_attribution
 from ..rollout.entropy import window_entropy
+from ..rollout.rollout_tree import prompt_keys
 from ..rollout.tree import BranchEvent, ToolEvent, Trajectory
 
 
@@ -64,6 +68,7 @@ class TreeNode:
     mask: list[int]  # tool_mask over `ids`: 1 sampled by the model, 0 written by the environment
     origin_slot: int  # the row that created this node (first in slot order, i.e. creation order)
     origin_kind: str  # root / branch / fresh / duplicate
+    prompt: int = 0  # index in GroupTree.prompts of the prompt its rows continue
     forked: bool = False  # first node of a branch: the edge into it is a fork
     parent: TreeNode | None = None
     children: list[TreeNode] = field(default_factory=list)
@@ -92,6 +97,7 @@ class Leaf:
     slot: int
     kind: str
     node: TreeNode  # the node its completion ends on
+    prompt: int  # index in GroupTree.prompts of the prompt it continues
     finish_reason: str | None
     parent: int | None
     fork_position: int | None
@@ -105,13 +111,19 @@ class Leaf:
 
 @dataclass
 class GroupTree:
-    """The rollout tree of one prompt: a virtual root (the prompt) whose children are the first segments."""
+    """The rollout tree of one prompt: a virtual root (the prompt) whose children are the first segments. With rows
+    that start from different prompts, one virtual root per distinct prompt (`prompts`, in slot order)."""
 
     group: int
-    prompt_ids: list[int]
+    prompt_ids: list[int]  # the first row's prompt (= prompts[0])
     roots: list[TreeNode]
     nodes: list[TreeNode]
     leaves: list[Leaf]
+    prompts: list[list[int]] = field(default_factory=list)  # the distinct prompts of the group's rows
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            self.prompts = [list(self.prompt_ids)]
 
     @property
     def depth(self) -> int:
@@ -164,7 +176,7 @@ def build_trees(
     Args:
         trajectories: B finished trajectories in slot order (``RolloutRecord.trajectories``); groups are the M
             contiguous slots of one prompt.
-        prompt_ids: the B prompts (``RolloutRecord.prompt_ids``).
+        prompt_ids: the B prompts (``RolloutRecord.prompt_ids``: each row's own, a branch's is its parent's).
         rewards: (B,) rewards R_i.
         advantages: (B,) sequence-level (soft) advantages Â_i; the hard ones, Â^hard_{i,t}, are derived here with
             `hard_attribution`.
@@ -201,7 +213,7 @@ def build_trees(
         _build_group(
             g,
             trajectories[g * m : (g + 1) * m],
-            prompt_ids[g * m],
+            prompt_ids[g * m : (g + 1) * m],
             reward_list[g * m : (g + 1) * m],
             adv_list[g * m : (g + 1) * m],
             token_entropies[g * m : (g + 1) * m],
@@ -213,22 +225,24 @@ def build_trees(
     ]
 
 
-def _hard_table(rows: Sequence[Trajectory], advantages: list[float]) -> list[list[float]]:
-    """Â^hard_{i,t} for the rows of one group (tool-result tokens count as shared prefix, as in the trainer)."""
-    width = max(1, max(len(t.completion_ids) for t in rows))
+def _hard_table(rows: Sequence[Trajectory], advantages: list[float], keys: Sequence[int]) -> list[list[float]]:
+    """Â^hard_{i,t} for the rows of one group (tool-result tokens count as shared prefix, as in the trainer; rows of
+    different prompts share nothing: `keys`, from `prompt_keys`, lead every row as the trainer's do)."""
+    width = 1 + max(1, max(len(t.completion_ids) for t in rows))
     ids = torch.full((len(rows), width), -1, dtype=torch.long)
     valid = torch.zeros((len(rows), width), dtype=torch.long)
     for i, t in enumerate(rows):
-        ids[i, : len(t.completion_ids)] = torch.tensor(t.completion_ids, dtype=torch.long)
-        valid[i, : len(t.completion_ids)] = 1
+        ids[i, 0] = keys[i]
+        ids[i, 1 : 1 + len(t.completion_ids)] = torch.tensor(t.completion_ids, dtype=torch.long)
+        valid[i, : 1 + len(t.completion_ids)] = 1
     table = hard_attribution(ids, valid, torch.tensor(advantages, dtype=torch.float64), len(rows))
-    return [table[i, : len(t.completion_ids)].tolist() for i, t in enumerate(rows)]
+    return [table[i, 1 : 1 + len(t.completion_ids)].tolist() for i, t in enumerate(rows)]
 
 
 def _build_group(
     g: int,
     rows: Sequence[Trajectory],
-    prompt: Sequence[int],
+    row_prompts: Sequence[Sequence[int]],
     rewards: list[float],
     advantages: list[float],
     entropies: Sequence[Sequence[float] | None],
@@ -236,16 +250,21 @@ def _build_group(
     normalization: str,
     vocab_size: int | None,
 ) -> GroupTree:
-    hard = _hard_table(rows, advantages)
-    children: dict[tuple[int, tuple[int, ...]], TreeNode] = {}  # (parent id or -1, segment tokens) -> node
+    keys = prompt_keys(row_prompts, len(rows))
+    prompts = [list(row_prompts[j]) for j in sorted(set(keys))]  # distinct, in slot order
+    which = {key: p for p, key in enumerate(sorted(set(keys)))}  # row key -> index in `prompts`
+    hard = _hard_table(rows, advantages, keys)
+    # (parent id, or −1 − prompt index for a first segment; segment tokens) -> node
+    children: dict[tuple[int, tuple[int, ...]], TreeNode] = {}
     nodes: list[TreeNode] = []
     paths: list[list[TreeNode]] = []
-    for traj, ents in zip(rows, entropies):  # slot order = creation order
+    for i, (traj, ents) in enumerate(zip(rows, entropies)):  # slot order = creation order
         mask = traj.tool_mask if len(traj.tool_mask) == len(traj.completion_ids) else [1] * len(traj.completion_ids)
+        prompt = which[keys[i]]
         path: list[TreeNode] = []
         parent: TreeNode | None = None
         for start, end in split_segments(mask):
-            key = (parent.id if parent else -1, tuple(traj.completion_ids[start:end]))
+            key = (parent.id if parent else -1 - prompt, tuple(traj.completion_ids[start:end]))
             node = children.get(key)
             if node is None:
                 node = TreeNode(
@@ -258,6 +277,7 @@ def _build_group(
                     mask=list(mask[start:end]),
                     origin_slot=traj.slot,
                     origin_kind=traj.kind,
+                    prompt=prompt,
                     parent=parent,
                     forked=traj.fork_position is not None and traj.fork_position == start and start > 0,
                 )
@@ -317,6 +337,7 @@ def _build_group(
                 mask=[],
                 origin_slot=traj.slot,
                 origin_kind=traj.kind,
+                prompt=which[keys[i]],
                 rows=[traj.slot],
                 ending_rows=[traj.slot],
             )
@@ -326,6 +347,7 @@ def _build_group(
                 slot=traj.slot,
                 kind=traj.kind,
                 node=last,
+                prompt=which[keys[i]],
                 finish_reason=traj.finish_reason,
                 parent=traj.parent,
                 fork_position=traj.fork_position,
@@ -338,4 +360,4 @@ def _build_group(
             )
         )
     roots = [n for n in nodes if n.parent is None]
-    return GroupTree(group=g, prompt_ids=list(prompt), roots=roots, nodes=nodes, leaves=leaves)
+    return GroupTree(group=g, prompt_ids=prompts[0], roots=roots, nodes=nodes, leaves=leaves, prompts=prompts)
