@@ -22,6 +22,7 @@ a          weight of the entropy-aware advantage                         `entrop
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -48,6 +49,33 @@ def global_samples_official(n: int, h_root: float, h_tool_mean: float, beta: flo
     """Official code (`_calculate_initial_rollouts_dynamical`): int(n·σ(0.5·(H_root − H̄))) + 1, clamped to [1, n]
     (the clamp was added for RUC-NLPIR/ARPO#42). The +1 makes it round up, and n·σ → n overflows without the clamp."""
     return max(1, min(n, int(n * sigmoid(beta * (h_root - h_tool_mean))) + 1))
+
+
+def segment_windows(
+    tool_mask: Sequence[int], entropies: Sequence[float], window: Callable[[list[float]], float]
+) -> list[float]:
+    """H of each sampled segment of a trajectory, in order: the runs of sampled tokens (mask 1) between environment
+    tokens, each through `window` (its first k entropies, normalised). NaN where the segment's entropy was not
+    measured."""
+    windows: list[float] = []
+    run: list[float] = []
+    for sampled, h in zip([*tool_mask, 0], [*entropies, math.nan]):
+        if sampled:
+            run.append(h)
+        elif run:
+            windows.append(window(run))
+            run = []
+    return windows
+
+
+def probe_entropies(windows: Sequence[float], official: bool) -> tuple[float, float]:
+    """(H_root, H̄) of a probe rollout from its segment windows: H_root is the first segment's; H̄ the mean over the
+    segments that follow tool results (paper: the tool-call steps) or over all segments, the first one included
+    (official). Without any measured step H̄ = H_root, the official fallback (then m comes from a gap of 0)."""
+    finite = [w for w in windows if not math.isnan(w)]
+    h_root = windows[0] if windows and not math.isnan(windows[0]) else 0.0
+    steps = finite if official else [w for w in windows[1:] if not math.isnan(w)]
+    return h_root, (sum(steps) / len(steps) if steps else h_root)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,6 +186,8 @@ __all__ = [
     "official_fork",
     "official_fork_probability",
     "penalized_branch_probability",
+    "probe_entropies",
+    "segment_windows",
     "sigmoid",
     "standardized_entropy",
 ]

@@ -156,6 +156,11 @@ class ARPOTrainer(GRPOTrainer):
                 "environment_factory needs tool_format='chat_template': environments expose their methods as "
                 f"TRL-native tool calls, which tool_format={args.tool_format!r} does not parse"
             )
+        if environment_factory is not None and args.dynamic_rollouts:
+            raise ValueError(
+                "dynamic_rollouts (AEPO's budget split) does not support environment_factory: its probe rollout "
+                "would act on the environments the real rollout starts from"
+            )
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if _has_images(dataset):
                 raise ValueError(
@@ -422,6 +427,7 @@ class ARPOTrainer(GRPOTrainer):
             toolset=self._trajectory_tools if self.environments else None,
             frozen_initial=self._frozen_initial if mode == "train" else None,
         )
+        self._aepo_dynamic_budget(mode, prompt_ids, common)  # AEPO: N per prompt from an entropy probe
         started = time.perf_counter()
         if self.vllm_engine is not None:
             self._sync_vllm_weights(mode)
@@ -557,6 +563,62 @@ class ARPOTrainer(GRPOTrainer):
         if count:
             self._metrics[mode]["aepo/consecutive_branches_mean"].append(total / count)
         self._metrics[mode]["aepo/consecutive_branches_max"].append(float(top.max().item()))
+
+    def _aepo_dynamic_budget(self, mode: str, prompt_ids: list[list[int]], common: dict[str, Any]) -> None:
+        """AEPO's dynamic budget split (`dynamic_rollouts`): one tool-using probe rollout per prompt, without forks,
+        measures H_root (the window of its first segment) and H̄ (the mean window of its steps after tool results;
+        official: of all its segments); the prompt then starts m roots (`aepo.global_samples_*`) instead of N.
+        Sets `common["settings"].initial_rollouts` to the per-prompt list. Every rank probes (same collectives)."""
+        a = self.args
+        if mode != "train" or not a.dynamic_rollouts:
+            return
+        import dataclasses
+
+        from .aepo import global_samples_official, global_samples_paper, probe_entropies, segment_windows
+        from .rollout.entropy import window_entropy
+
+        m = self.num_generations
+        started = time.perf_counter()
+        settings = dataclasses.replace(
+            common["settings"], group_size=2, initial_rollouts=1, rollout_fill="duplicate", speculative_forks=False
+        )  # two rows per prompt keep one free slot, so every step's entropy is measured; the policy never forks
+        probe = {**common, "settings": settings, "policy": BranchPolicy(0.0, 0.0, seed=0), "frozen_initial": None}
+        probe_prompts = [prompt_ids[g] for g in range(0, len(prompt_ids), m) for _ in range(2)]
+        batch_prompts = getattr(self.tool_protocol, "prompt_ids", None)  # a protocol that reads each slot's prompt
+        if batch_prompts is not None:
+            self.tool_protocol.prompt_ids = probe_prompts
+        try:
+            if self.vllm_engine is not None:
+                self._sync_vllm_weights(mode)
+                rollout = AsyncTreeRollout(
+                    engine=self.vllm_engine, stop=self.tool_protocol.stop_strings,
+                    entropy_estimator=a.entropy_estimator, **probe,
+                )  # fmt: skip
+                trajectories, _ = rollout.run(probe_prompts, None, seed=self.args.seed)
+            else:
+                rollout = TreeRollout(generator=self.generator, any_active=self._any_process_active, **probe)
+                trajectories, _ = rollout.run(probe_prompts, None)
+        finally:
+            if batch_prompts is not None:
+                self.tool_protocol.prompt_ids = batch_prompts
+        formula = global_samples_official if a.dynamic_rollouts == "official" else global_samples_paper
+        k, norm, vocab = a.entropy_window, a.entropy_normalization, common["vocab_size"]
+        initial, tokens, calls = [], 0, 0
+        for root in trajectories[::2]:  # slot 2g: the probe of prompt g (2g + 1 duplicates it)
+            windows = segment_windows(root.tool_mask, root.token_entropies, lambda h: window_entropy(h, k, norm, vocab))
+            h_root, h_bar = probe_entropies(windows, official=a.dynamic_rollouts == "official")
+            initial.append(formula(m, h_root, h_bar, a.aepo_budget_sensitivity))
+            tokens += sum(root.tool_mask)
+            calls += len(root.tool_events)
+        common["settings"].initial_rollouts = initial
+        device = self.accelerator.device
+        local = torch.tensor([[sum(initial), len(initial), tokens, calls]], dtype=torch.float64, device=device)
+        total_n, groups, total_tokens, total_calls = self.accelerator.gather(local).sum(0).tolist()
+        metrics = self._metrics[mode]
+        metrics["aepo/global_samples_per_prompt"].append(total_n / max(groups, 1.0))
+        metrics["aepo/probe_sampled_tokens"].append(total_tokens / max(groups, 1.0))
+        metrics["aepo/probe_tool_calls"].append(total_calls / max(groups, 1.0))
+        metrics["aepo/probe_seconds"].append(time.perf_counter() - started)
 
     # ------------------------------------------------------------------ AEPO loss
     def _compute_loss(self, model, inputs):

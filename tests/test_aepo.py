@@ -48,6 +48,20 @@ def test_paper_budget_formula_rounds_and_keeps_one_global_sample():
     assert sigmoid(0.0) == 0.5 and sigmoid(-800.0) == 0.0 and sigmoid(800.0) == 1.0
 
 
+def test_probe_segments_and_their_entropies():
+    from arpo_trl.aepo import probe_entropies, segment_windows
+
+    mask = [1, 1, 1, 0, 0, 1, 1, 0, 1, 1, 1, 1, 0]  # segment, result, segment, result, segment, call-limit EOS
+    ent = [1.0, 2.0, 9.0, math.nan, math.nan, 3.0, 5.0, math.nan, 4.0, 6.0, 8.0, 8.0, math.nan]
+    windows = segment_windows(mask, ent, lambda h: sum(h[:2]) / 2)  # k = 2, mean
+    assert windows == [1.5, 4.0, 5.0]
+    assert probe_entropies(windows, official=False) == (1.5, 4.5)  # H̄ over the steps after tool results
+    assert probe_entropies(windows, official=True) == (1.5, pytest.approx(10.5 / 3))  # over every segment
+    assert probe_entropies([2.0], official=False) == (2.0, 2.0)  # no tool step: H̄ = H_root
+    assert probe_entropies([2.0, math.nan, 4.0], official=False) == (2.0, 4.0)  # unmeasured segments left out
+    assert segment_windows([1, 1], [0.5, 0.7], lambda h: h[0]) == [0.5]  # a trajectory ending on a sampled token
+
+
 # ----------------------------------------------------------------------------------------------- penalty
 
 
@@ -449,3 +463,69 @@ def test_two_ranks_with_aepo_on_and_different_trees_finish(tmp_path, tool_model_
     assert reports[0]["generate_calls"] == reports[1]["generate_calls"]
     expected = {"aepo/clipped_gradient_kept_share", "aepo/advantage_sign_flip_share", "aepo/consecutive_branches_max"}
     assert all(expected <= set(r["aepo_metrics"]) for r in reports)
+
+
+@pytest.mark.parametrize("split", ["official", "paper"])
+def test_dynamic_budget_starts_m_roots_per_prompt_from_the_probe(tool_model, tokenizer, tmp_path, monkeypatch, split):
+    import arpo_trl.trainer as trainer_module
+    from arpo_trl.aepo import probe_entropies, segment_windows
+    from arpo_trl.rollout.entropy import window_entropy
+
+    probes = []
+
+    class Probing(trainer_module.TreeRollout):
+        def run(self, prompt_ids, environments=None):
+            trajectories, stats = super().run(prompt_ids, environments)
+            if self.s.group_size == 2:  # the probe: one root per prompt and its duplicate
+                probes.append(trajectories)
+            return trajectories, stats
+
+    monkeypatch.setattr(trainer_module, "TreeRollout", Probing)
+    trainer = _trainer(
+        tool_model, tokenizer, tmp_path, dynamic_rollouts=split, aepo_budget_sensitivity=2.0,
+        branch_base_probability=0.0, branch_entropy_weight=0.0, max_steps=1,
+    )  # fmt: skip
+    seen = []
+    original = trainer._aepo_dynamic_budget
+
+    def spy(mode, prompt_ids, common):
+        original(mode, prompt_ids, common)
+        seen.append(common["settings"].initial_rollouts)
+
+    trainer._aepo_dynamic_budget = spy
+    trainer.train()
+    (initial,) = seen
+    (probe,) = probes
+    a, m = trainer.args, trainer.num_generations
+    formula = global_samples_official if split == "official" else global_samples_paper
+    expected = []
+    for root in probe[::2]:
+        assert root.kind == "root" and not any(e.forked_slots for e in root.branch_events)  # the probe never forks
+        windows = segment_windows(
+            root.tool_mask, root.token_entropies,
+            lambda h: window_entropy(h, a.entropy_window, a.entropy_normalization, trainer.model.config.vocab_size),
+        )  # fmt: skip
+        assert windows and not math.isnan(windows[0])  # the first segment's entropy was measured
+        expected.append(formula(m, *probe_entropies(windows, official=split == "official"), 2.0))
+    assert initial == expected and len(initial) == 1  # one prompt per step here
+    record = trainer.last_rollout
+    for g, n in enumerate(initial):
+        group = [t for t in record.trajectories if t.group == g]
+        assert sum(t.kind == "root" for t in group) == n  # α = β = 0: no fork, the other M − m are fresh
+        assert len(group) == m
+    logged = {k: v for entry in trainer.state.log_history for k, v in entry.items()}
+    assert logged["aepo/global_samples_per_prompt"] == pytest.approx(sum(initial) / len(initial))
+    assert logged["aepo/probe_sampled_tokens"] == pytest.approx(sum(sum(r.tool_mask) for r in probe[::2]))
+    assert "aepo/probe_tool_calls" in logged and "aepo/probe_seconds" in logged
+
+
+def test_dynamic_budget_refuses_environments(tool_model, tokenizer, tmp_path):
+    class Env:
+        def reset(self, **kwargs):
+            return None
+
+    with pytest.raises(ValueError, match="dynamic_rollouts"):
+        ARPOTrainer(
+            model=tool_model, reward_funcs=[closeness_reward], train_dataset=calc_dataset(8), processing_class=tokenizer,
+            args=make_args(tmp_path, dynamic_rollouts="paper", tool_format="chat_template"), environment_factory=Env,
+        )  # fmt: skip
