@@ -594,7 +594,8 @@ class ARPOTrainer(GRPOTrainer):
                     engine=self.vllm_engine, stop=self.tool_protocol.stop_strings,
                     entropy_estimator=a.entropy_estimator, **probe,
                 )  # fmt: skip
-                trajectories, _ = rollout.run(probe_prompts, None, seed=self.args.seed)
+                seed = rollout_seed(a.seed, self.accelerator.process_index, "probe", self.state.global_step, 0)
+                trajectories, _ = rollout.run(probe_prompts, None, seed=seed)
             else:
                 rollout = TreeRollout(generator=self.generator, any_active=self._any_process_active, **probe)
                 trajectories, _ = rollout.run(probe_prompts, None)
