@@ -50,6 +50,50 @@ def measure(fn, device):
     return time.perf_counter() - start, torch.cuda.max_memory_allocated(device) / 2**30, lp.detach(), h.detach()
 
 
+def check(dtype: torch.dtype, args: argparse.Namespace, device: torch.device) -> dict:
+    """Parity and cost of the packed forward against the per-row one, for one dtype."""
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 4,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 128,
+        max_position_embeddings=8192,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    add_fused_lm_head(model, temperature=1.0, outputs=("log_probs", "entropy"))
+    ids, mask, keep = arpo_batch(config.vocab_size, args.prompt, args.completion, args.rows)
+    ids, mask = ids.to(device), mask.to(device)
+    packs = pack_rows(ids, mask, keep, args.max_tokens)
+
+    def packed():
+        no_autocast = lambda: torch.autocast("cuda", enabled=False)  # noqa: E731
+        return shared_prefix_logps(model, packs, ids.shape[0], keep, True, "sdpa", dtype, no_autocast)
+
+    runs = {}
+    for name, fn in (("per_row", lambda: per_row(model, ids, mask, keep)), ("packed", packed)):
+        measure(fn, device)  # warm-up
+        model.zero_grad(set_to_none=True)
+        runs[name] = measure(fn, device)
+        model.zero_grad(set_to_none=True)
+    (a_s, a_peak, a_lp, a_h), (b_s, b_peak, b_lp, b_h) = runs["per_row"], runs["packed"]
+    return {
+        "dtype": str(dtype),
+        "padded_tokens": ids.numel(),
+        "packed_tokens": sum(p.num_tokens for p in packs),
+        "packs": len(packs),
+        "per_row_s": a_s,
+        "packed_s": b_s,
+        "per_row_peak_gib": a_peak,
+        "packed_peak_gib": b_peak,
+        "max_abs_logp_diff": (a_lp.float() - b_lp.float()).abs().max().item(),
+        "max_abs_entropy_diff": (a_h.float() - b_h.float()).abs().max().item(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024)
@@ -60,53 +104,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16384)
     args = parser.parse_args()
     device = torch.device("cuda")
-    results = []
     for dtype in (torch.float32, torch.bfloat16):
-        config = LlamaConfig(
-            vocab_size=32000,
-            hidden_size=args.hidden,
-            intermediate_size=args.hidden * 4,
-            num_hidden_layers=args.layers,
-            num_attention_heads=args.hidden // 64,
-            num_key_value_heads=args.hidden // 128,
-            max_position_embeddings=8192,
-        )
-        config._attn_implementation = "sdpa"
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
-        add_fused_lm_head(model, temperature=1.0, outputs=("log_probs", "entropy"))
-        ids, mask, keep = arpo_batch(config.vocab_size, args.prompt, args.completion, args.rows)
-        ids, mask = ids.to(device), mask.to(device)
-        packs = pack_rows(ids, mask, keep, args.max_tokens)
-
-        def packed():
-            return shared_prefix_logps(
-                model, packs, ids.shape[0], keep, True, "sdpa", dtype, lambda: torch.autocast("cuda", enabled=False)
-            )
-
-        for name, fn in (("per_row", lambda: per_row(model, ids, mask, keep)), ("packed", packed)):
-            measure(fn, device)  # warm-up
-            model.zero_grad(set_to_none=True)
-            seconds, peak, lp, h = measure(fn, device)
-            model.zero_grad(set_to_none=True)
-            results.append({"dtype": str(dtype), "forward": name, "seconds": seconds, "peak_gib": peak, "lp": lp, "h": h})
-        a, b = results[-2], results[-1]
-        diff_lp = (a["lp"].float() - b["lp"].float()).abs().max().item()
-        diff_h = (a["h"].float() - b["h"].float()).abs().max().item()
-        row = {
-            "dtype": str(dtype),
-            "padded_tokens": ids.numel(),
-            "packed_tokens": sum(p.num_tokens for p in packs),
-            "packs": len(packs),
-            "per_row_s": a["seconds"],
-            "packed_s": b["seconds"],
-            "per_row_peak_gib": a["peak_gib"],
-            "packed_peak_gib": b["peak_gib"],
-            "max_abs_logp_diff": diff_lp,
-            "max_abs_entropy_diff": diff_h,
-        }
-        print(json.dumps(row), flush=True)
-        del model
+        print(json.dumps(check(dtype, args, device)), flush=True)
         torch.cuda.empty_cache()
 
 
