@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 from test_trainer_vllm import M, N, Recording, vllm_args, wide_model
-from vllm_helpers import collect, prompt_ids, teacher_forced
+from vllm_helpers import cached_architectures, collect, prompt_ids, teacher_forced
 
 from arpo_trl.rollout.entropy import truncated_entropy
 from arpo_trl.rollout.vllm_server import VLLMServerEngine, server_command
@@ -35,7 +35,9 @@ def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("vllm-server") / "server.log"
     command = server_command(model_dir, port, enforce_eager=True, max_model_len=1024, block_size=32, seed=0,
                              kv_cache_memory_bytes=2**28, max_logprobs=20, dtype="float32")  # fmt: skip
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", HF_HUB_OFFLINE="1")
+    # An empty vLLM cache, as on a fresh machine: the server inspects the architecture itself while it starts.
+    cache_root = tmp_path_factory.mktemp("vllm-server-cache")
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", HF_HUB_OFFLINE="1", VLLM_CACHE_ROOT=str(cache_root))
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     with open(log, "wb") as out:
         # Its own process group: the server's engine processes are killed with it, whatever happens.
@@ -51,6 +53,7 @@ def server(model_dir, tmp_path_factory):
                 stop(process)
                 raise RuntimeError(f"the vLLM server did not start:\n{log.read_text()[-4000:]}") from None
             time.sleep(2)
+    assert cached_architectures(cache_root) == ["LlamaForCausalLM"]  # the cold path ran
     yield url
     stop(process)
 
