@@ -296,6 +296,26 @@ class ARPOConfig(GRPOConfig):
     )
     log_rollout_trees_prompts: int = field(default=2, metadata={"help": "Prompts drawn per rollout-tree page."})
 
+    # --- The shared-prefix training forward (docs/shared_prefix.md) ---
+    shared_prefix_forward: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the log-probabilities of a micro-batch with one forward over its distinct tokens: rows "
+            "that start alike (a group's prompt, a branch's parent prefix) share those tokens' hidden states "
+            "instead of recomputing them per row. Same numbers as TRL's per-row forward (checked against it once "
+            "per model at the first forward); models or attention implementations that cannot take the packed "
+            "layout fall back to the per-row forward with one log line. Groups are kept whole when TRL shuffles "
+            "a generation batch into micro-batches."
+        },
+    )
+    shared_prefix_max_tokens: int = field(
+        default=4096,
+        metadata={
+            "help": "Most packed tokens per forward of the shared-prefix forward: its attention mask holds the square "
+            "of this many booleans (4096: 16 MiB). Rows beyond it go to the next forward."
+        },
+    )
+
     # --- AEPO (Agentic Entropy-Balanced Policy Optimization, arXiv 2510.14545; docs/aepo.md) ---
     algorithm_preset: str | None = field(
         default=None,
@@ -349,6 +369,11 @@ class ARPOConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.shared_prefix_max_tokens < 2:
+            raise ValueError(
+                f"shared_prefix_max_tokens must be at least 2 (a token and the one it predicts), got "
+                f"{self.shared_prefix_max_tokens}"
+            )
         self._apply_algorithm_preset()
         self._validate_arpo()
         if self.algorithm_preset == "aepo_official":

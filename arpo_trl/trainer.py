@@ -32,6 +32,7 @@ from .rollout.generation import TransformersGenerator
 from .rollout.protocols import ChatTemplateProtocol, TagProtocol
 from .rollout.rollout_tree import prompt_keys
 from .rollout.tree import Trajectory
+from .shared_prefix import SharedPrefixForward, groups_kept_whole
 from .tools import ToolExecutor, as_function, tools_by_name
 
 logger = logging.getLogger(__name__)
@@ -249,6 +250,7 @@ class ARPOTrainer(GRPOTrainer):
         # mode -> (global_step, rollouts at that step): seeds the branching RNG reproducibly, with evaluation
         # counted apart from training, so a run resumed at a step where evaluation ran branches as the original.
         self._rollouts_this_step: dict[str, tuple[int, int]] = {}
+        self.shared_prefix = SharedPrefixForward(args.shared_prefix_max_tokens, self.accelerator)
 
     # ------------------------------------------------------------------ vLLM
     def _start_vllm_engine(self) -> Any:
@@ -771,6 +773,47 @@ class ARPOTrainer(GRPOTrainer):
             )
             output["advantages"] = hard[:, 1:]
         return output
+
+    # ------------------------------------------------------------------ training forward (shared prefixes)
+    def _prepare_inputs(self, generation_batch: Any) -> Any:
+        """TRL's; with `shared_prefix_forward`, TRL's shuffle of a generation batch moves whole groups, so a group's
+        rows (and their shared prefixes) stay in one micro-batch."""
+        if not self.args.shared_prefix_forward:
+            return super()._prepare_inputs(generation_batch)
+        with groups_kept_whole(self.num_generations):
+            return super()._prepare_inputs(generation_batch)
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int,
+        batch_size: int | None = None,
+        compute_entropy: bool = False,
+        compute_aux_loss: bool = False,
+        **multimodal: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """TRL's per-row forward, or with `shared_prefix_forward` one forward over the batch's distinct tokens
+        (`arpo_trl.shared_prefix`): the same log-probabilities and entropies, each shared token computed once."""
+
+        def per_row() -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+            return super(ARPOTrainer, self)._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                **multimodal,
+            )  # fmt: skip
+
+        if not self.args.shared_prefix_forward or compute_aux_loss or any(v is not None for v in multimodal.values()):
+            return per_row()
+        with profiling_context(self, "shared_prefix_forward"):
+            packed = self.shared_prefix(model, input_ids, attention_mask, logits_to_keep, compute_entropy, per_row)
+        if packed is None:
+            return per_row()
+        logps, entropies, figures = packed
+        if torch.is_grad_enabled():  # the loss forward: how much of TRL's padded work it did
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["arpo/forward_token_ratio"].append(figures.packed_tokens / figures.padded_tokens)
+        return logps, entropies, None
 
 
 class AEPOTrainer(ARPOTrainer):

@@ -210,6 +210,7 @@ def trainer_for(tool_model, tokenizer, tmp_path, **overrides):
 
 def loss_and_grads(trainer, inputs, shared):
     trainer.args.shared_prefix_forward = shared
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps  # set by TRL's loop
     trainer.model.zero_grad(set_to_none=True)
     loss = trainer.compute_loss(trainer.model, inputs)
     loss.backward()
@@ -290,6 +291,7 @@ def test_training_logs_the_forward_token_ratio_and_a_layout_the_model_gets_wrong
     trainer.shared_prefix.checked.clear()
     trainer._step, trainer._buffered_inputs = 0, None
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
     with caplog.at_level(logging.INFO, logger="arpo_trl.shared_prefix"):
         loss = trainer.compute_loss(trainer.model, inputs)
     model = trainer.accelerator.unwrap_model(trainer.model)
