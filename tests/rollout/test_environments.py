@@ -23,9 +23,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
+from scripted_turns import ScriptedTurns, tool_call
 
 from arpo_trl import ARPOConfig, ARPOTrainer
-from arpo_trl.rollout.engine import Segment
 from arpo_trl.rollout.environments import check_forkable, fork_environment, live_connections
 from arpo_trl.testing import calc_dataset, chat_template_tokenizer
 
@@ -282,26 +282,6 @@ def test_the_trainer_refuses_an_environment_holding_a_connection(server, tool_mo
     kind = "HTTPConnection" if env_class is RemoteCounter else "socket"
     assert f"{env_class.__name__} whose state holds a live connection (env." in message and f"({kind}))" in message
     assert f"Define {env_class.__name__}.fork()" in message
-
-
-class ScriptedTurns:
-    """The chosen assistant turns, token for token (the tiny model was taught the tag format, not JSON calls)."""
-
-    def __init__(self, tokenizer, script):
-        self.tok, self.script, self.rows = tokenizer, script, 0
-
-    def __call__(self, prefixes, max_new_tokens, need_entropy=None):
-        out = []
-        for prefix in prefixes:
-            text = self.script(self.tok.decode(prefix).count("<tool_response>"), self.rows)
-            self.rows += 1
-            ids = self.tok.encode(text, add_special_tokens=False) + [self.tok.eos_token_id]
-            out.append(Segment(ids, [0.0] * len(ids), "eos"))
-        return out
-
-
-def tool_call(name, **arguments):
-    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}) + "\n</tool_call>"
 
 
 def test_a_remote_environment_with_fork_trains_and_each_branch_plays_its_own_episode(server, tool_model, tmp_path):
