@@ -1,0 +1,53 @@
+"""AEPO's consecutive-branch penalty inside the real tree, on both drivers (the scripted model of
+tests/test_async_engine.py stands in for the generator and for vLLM)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+from test_async_engine import ScriptedEngine, ScriptedGenerator, settings  # noqa: E402
+
+from arpo_trl.rollout.async_engine import AsyncTreeRollout  # noqa: E402
+from arpo_trl.rollout.branching import BranchPolicy  # noqa: E402
+from arpo_trl.rollout.engine import TreeRollout  # noqa: E402
+from arpo_trl.rollout.protocols import TagProtocol  # noqa: E402
+from arpo_trl.testing import calc  # noqa: E402
+from arpo_trl.tools import ToolExecutor  # noqa: E402
+
+
+def rollout(tok, driver, rate, m=8, n=1, groups=1, calls=4):
+    # threshold rule, α = 1, β = 0, τ = 0.5: P = 1 − λ·c, fork iff P > 0.5 (with λ = 0.5: iff c = 0)
+    policy = BranchPolicy(1.0, 0.0, "threshold", 0.5, seed=0, penalty_rate=rate, rounds=driver == "rounds")
+    protocol = TagProtocol(tok, ["calc"])
+    args = (settings(m, n), None, protocol, ToolExecutor([calc], timeout=5), policy, len(tok), tok.eos_token_id)
+    if driver == "rounds":
+        engine = TreeRollout(*(args[:1] + (ScriptedGenerator(tok, calls),) + args[2:]))
+    else:
+        engine = AsyncTreeRollout(*(args[:1] + (ScriptedEngine(tok, calls),) + args[2:]), stop=protocol.stop_strings)
+    trajectories, stats = engine.run([tok.encode("Add 1 and 2.")] * (m * groups))
+    return trajectories, stats, policy
+
+
+@pytest.mark.parametrize("driver", ["rounds", "async"])
+def test_penalty_damps_consecutive_forks_in_the_tree(tokenizer, driver):
+    trajs, stats, policy = rollout(tokenizer, driver, rate=0.5)
+    events = [e for t in trajs for e in t.branch_events]
+    assert events and len(policy.consecutive_seen) == len(events) == len(stats.branch_probabilities)
+    # each decision forks exactly when its prompt did not fork in its previous round (P = 1), never at P = 0.5
+    assert all(bool(e.forked_slots) == (e.probability == 1.0) for e in events)
+    assert any(e.probability == 0.5 for e in events)  # the penalty reached the tree
+    _, plain, _ = rollout(tokenizer, driver, rate=0.0)
+    assert all(p == 1.0 for p in plain.branch_probabilities)  # without it every decision forks while slots last
+    # the same budget takes more decisions to spend: forks spread over more steps instead of one run of them
+    assert len(stats.branch_probabilities) > len(plain.branch_probabilities)
+
+
+def test_without_rounds_each_decision_of_the_prompt_is_a_round(tokenizer):
+    _, _, policy = rollout(tokenizer, "async", rate=0.5)
+    seen = policy.consecutive_seen
+    assert len(seen) >= 3
+    # fork (c = 0 → 1), no fork (c = 1 → 0), fork, ...: one prompt, decisions in order
+    assert seen == [i % 2 for i in range(len(seen))]
