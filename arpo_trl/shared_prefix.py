@@ -266,11 +266,19 @@ def padded_tokens(input_ids: torch.Tensor) -> int:
 def shuffle_groups(seq_dict: dict[str, Any], group_size: int) -> dict[str, Any]:
     """TRL's `shuffle_sequence_dict` by whole groups: the blocks of `group_size` consecutive rows (a prompt's
     completions, as TRL's sampler lays them out) are permuted, each block's rows kept together and in order, so
-    TRL's split into micro-batches keeps a group's shared prefixes in one forward. Same RNG as TRL's shuffle."""
+    TRL's split into micro-batches keeps a group's shared prefixes in one forward.
+
+    TRL's own draw (`torch.randperm` over the rows) decides the order: groups come in the order their first row
+    appears in it. The RNG stream is therefore TRL's, and whatever is sampled after the shuffle is what
+    `GRPOTrainer` would sample."""
     batch_size = len(next(v for v in seq_dict.values() if v is not None))
+    rows = torch.randperm(batch_size)
     if batch_size % group_size:
-        group_size = 1  # not whole groups (cannot happen with ARPO's config checks): TRL's row shuffle
-    groups = torch.randperm(batch_size // group_size)
+        group_size = 1  # not whole groups (ARPO's config checks rule it out): TRL's row shuffle
+    order: dict[int, None] = {}
+    for row in rows.tolist():
+        order.setdefault(row // group_size, None)
+    groups = torch.tensor(list(order))
     permutation = (groups[:, None] * group_size + torch.arange(group_size)[None, :]).reshape(-1)
 
     def permute(v: Any) -> Any:

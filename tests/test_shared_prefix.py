@@ -162,11 +162,17 @@ def test_models_that_cannot_take_the_layout_are_named(tokenizer):
     assert unsupported_reason(config, max_depth=16) is None  # rows within the window: nothing slides
 
 
-def test_group_shuffle_moves_whole_groups_in_order():
+def test_group_shuffle_moves_whole_groups_in_order_and_draws_as_trl():
+    torch.manual_seed(0)
+    trls = torch.randperm(12).tolist()
+    after = torch.rand(1)
     torch.manual_seed(0)
     batch = {"ids": torch.arange(12)[:, None].repeat(1, 2), "names": [f"r{i}" for i in range(12)], "n": None}
     out = shuffle_groups(batch, group_size=4)
+    assert torch.rand(1) == after  # the same RNG stream as TRL's shuffle: what is sampled next is GRPO's
     rows = out["ids"][:, 0].tolist()
+    firsts = list(dict.fromkeys(r // 4 for r in trls))  # groups in the order TRL's draw first reaches them
+    assert [rows[i] // 4 for i in (0, 4, 8)] == firsts
     assert sorted(rows) == list(range(12)) and rows != list(range(12))
     for start in range(0, 12, 4):
         block = rows[start : start + 4]
@@ -198,8 +204,12 @@ def trainer_for(tool_model, tokenizer, tmp_path, **overrides):
         tool_timeout=10,
     )
     settings.update(overrides)
+    model = tool_model
+    if settings.get("beta"):  # TRL loads the reference model from the model's path
+        tool_model.save_pretrained(tmp_path / "model")
+        model = str(tmp_path / "model")
     return ARPOTrainer(
-        model=tool_model,
+        model=model,
         reward_funcs=closeness_reward,
         args=ARPOConfig(**settings),
         train_dataset=calc_dataset(8),
