@@ -93,10 +93,11 @@ class PromptScript:
     turn 1 guess the secret shown in the prompt, turn 2 a number of its own (so forks diverge), turn 3 ends. Scripted
     tokens have entropy 0 (ΔH = 0; α = 1 forks at every decision while slots remain)."""
 
-    def __init__(self, inner, tokenizer, fixed_first_guess=None):
-        self.inner, self.tok, self.count, self.fixed = inner, tokenizer, 0, fixed_first_guess
+    def __init__(self, inner, tokenizer, fixed_first_guess=None, final="Done."):
+        self.inner, self.tok, self.count, self.fixed, self.final = inner, tokenizer, 0, fixed_first_guess, final
 
-    def text(self, prefix: list[int]) -> str:
+    def text(self, prefix: list[int]) -> str | None:
+        """The turn's text; None: the model samples it (`final=None`, the last turn)."""
         decoded = self.tok.decode(prefix)
         secret = int(re.findall(r"Secret: (\d+)\.", decoded)[0])  # the prompt's (a completion never shows one)
         turn = decoded.count("<tool_response>")
@@ -107,7 +108,7 @@ class PromptScript:
             return tool_call_text("guess", n=secret)
         if turn == 2:
             return tool_call_text("guess", n=1000 + self.count)
-        return "Done."
+        return self.final
 
     def __call__(self, prefixes, max_new_tokens, need_entropy=None):
         out = []
@@ -167,7 +168,11 @@ def env_args(tmp_path, **overrides):
     return ARPOConfig(**values)
 
 
-def train_guessing(model, tmp_path, environment_factory=GuessEnv, dataset=None, fixed_first_guess=None, **overrides):
+def train_guessing(
+    model, tmp_path, environment_factory=GuessEnv, dataset=None, fixed_first_guess=None, script=None, **overrides
+):
+    """Train `max_steps` steps on the guessing game. `script(trainer, tokenizer)` installs the scripted turns (default:
+    around the transformers generator)."""
     GuessEnv.rng, GuessEnv.rewarded = random.Random(0), []
     recorder = Recorder()
     tok = chat_template_tokenizer()
@@ -179,7 +184,10 @@ def train_guessing(model, tmp_path, environment_factory=GuessEnv, dataset=None, 
         processing_class=tok,
         environment_factory=environment_factory,
     )
-    trainer.generator = PromptScript(trainer.generator, tok, fixed_first_guess)
+    if script is None:
+        trainer.generator = PromptScript(trainer.generator, tok, fixed_first_guess)
+    else:
+        script(trainer, tok)
     trainer.train()
     return trainer, recorder
 
