@@ -91,6 +91,8 @@ DEFAULT_VARIANTS = "arpo-sp,arpo-rows,grpo-sp,grpo-rows,trl-grpo"
 # Figures per step and how the report shows them.
 FIGURES = [
     ("step_s", "whole step (s)", "{:.1f}"),
+    ("step_without_check_s", "  the same without the shared forward's one-time check (s)", "{:.1f}"),
+    ("check_s", "  one-time check of the packed forward against the per-row one (first step) (s)", "{:.1f}"),
     ("rollout_s", "  rollout: generation + tools (s)", "{:.1f}"),
     ("weight_sync_s", "  weight sync to vLLM (s)", "{:.2f}"),
     ("old_logps_s", "  old log-probabilities, no-grad forward (s)", "{:.1f}"),
@@ -144,21 +146,32 @@ def split_step(records: list[tuple[str, float, bool, float]], has_old: bool, has
     """The step's TRL timings by part (records of one step, in the order they ended)."""
     spans = [(name.split(".", 1)[-1], end - d, end, d, grad) for name, d, grad, end in records]
     forwards = [s for s in spans if s[0] in ("_get_per_token_logps_and_entropies", "shared_prefix_forward")]
-    # A per-row forward inside a packed one is the packed forward's one-time check: counted in the packed one.
-    outer = [s for s in forwards if not any(o is not s and o[1] <= s[1] and s[2] <= o[2] for o in forwards)]
-    out: dict[str, float] = {}
+    # A per-row forward inside a packed one is the packed forward's one-time check against it (no-grad, once per
+    # model): kept apart as `check_s` and taken out of the packed forward, the loss forward and the step.
+    outer, checks = [], {True: 0.0, False: 0.0}
+    for s in forwards:
+        around = [o for o in forwards if o is not s and o[1] <= s[1] and s[2] <= o[2]]
+        if around:
+            checks[around[0][4]] += s[3]
+        else:
+            outer.append(s)
+    out: dict[str, float] = {"check_s": checks[True] + checks[False]}
 
     def total(name: str) -> float:
         return sum(s[3] for s in spans if s[0] == name)
 
-    nograd = [s[3] for s in outer if not s[4]]
+    def own(s) -> float:  # an outer forward's time without the checks inside it
+        return s[3] - sum(n[3] for n in forwards if n is not s and s[1] <= n[1] and n[2] <= s[2])
+
+    nograd = [own(s) for s in outer if not s[4]]
     kinds = (["old"] if has_old else []) + (["ref"] if has_ref else [])
     for i, seconds in enumerate(nograd):  # TRL computes the old log-probabilities first, then the reference ones
         kind = kinds[i % len(kinds)] if kinds else "old"
         out[f"{kind}_logps_s"] = out.get(f"{kind}_logps_s", 0.0) + seconds
-    out["logps_forward_s"] = sum(s[3] for s in outer if s[4])
+    out["logps_forward_s"] = sum(own(s) for s in outer if s[4])
+    out["loss_forward_s"] = total("compute_loss") - checks[True]
+    out["prepare_check_s"] = checks[False]
     out["prepare_s"] = total("_prepare_inputs")
-    out["loss_forward_s"] = total("compute_loss")
     out["trl_generate_s"] = total("vLLM.generate") + total("transformers.generate")
     out["trl_sync_s"] = total("sync_weights")
     out["reward_s"] = sum(s[3] for s in spans if "reward" in s[0])
@@ -294,7 +307,7 @@ def build_trainer(setting: str, variant: str, opts, out_dir: str):
         disable_tqdm=True,
         bf16=False,  # float32 on both sides, as bench/vllm_rollout.py
         log_level="error",
-        beta=opts.kl_beta if variant.endswith("-kl") else 0.0,
+        beta=opts.kl_beta if variant.endswith("-kl") else opts.beta,
     )
     transformers.set_seed(opts.seed)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -438,8 +451,9 @@ def run_variant(setting: str, variant: str, opts) -> dict:
             rec["rollout_s"] = rec["trl_generate_s"]
             rec["weight_sync_s"] = rec["trl_sync_s"]
         known = rec.get("rollout_s", 0.0) + rec.get("weight_sync_s", 0.0)
-        known += rec.get("old_logps_s", 0.0) + rec.get("ref_logps_s", 0.0)
+        known += rec.get("old_logps_s", 0.0) + rec.get("ref_logps_s", 0.0) + rec["prepare_check_s"]
         rec["prepare_other_s"] = rec["prepare_s"] - known
+        rec["step_without_check_s"] = rec["step_s"] - rec["check_s"]
     return {
         "setting": setting,
         "variant": variant,
@@ -584,11 +598,11 @@ def assess(med: dict) -> dict:
             "arpo_sp_packed_over_padded": a.get("packed_over_padded"),
             "arpo_sp_forward_token_ratio_metric": a.get("forward_token_ratio"),
             "grpo_sp_packed_over_padded": g.get("packed_over_padded"),
-            "arpo_sp_step_over_grpo_rows_step": ratio(a, gr, "step_s"),
-            "arpo_rows_step_over_grpo_rows_step": ratio(ar, gr, "step_s"),
-            "arpo_sp_step_over_arpo_rows_step": ratio(a, ar, "step_s"),
-            "grpo_sp_step_over_grpo_rows_step": ratio(g, gr, "step_s"),
-            "arpo_sp_step_over_trl_grpo_step": ratio(a, t, "step_s"),
+            "arpo_sp_step_over_grpo_rows_step": ratio(a, gr, "step_without_check_s"),
+            "arpo_rows_step_over_grpo_rows_step": ratio(ar, gr, "step_without_check_s"),
+            "arpo_sp_step_over_arpo_rows_step": ratio(a, ar, "step_without_check_s"),
+            "grpo_sp_step_over_grpo_rows_step": ratio(g, gr, "step_without_check_s"),
+            "arpo_sp_step_over_trl_grpo_step": ratio(a, t, "step_without_check_s"),
             "arpo_sp_train_over_arpo_rows_train": ratio(a, ar, "train_s"),
             "grpo_sp_train_over_grpo_rows_train": ratio(g, gr, "train_s"),
             "arpo_sp_peak_over_arpo_rows_peak": ratio(a, ar, "peak_rss_mib"),
@@ -596,11 +610,18 @@ def assess(med: dict) -> dict:
     return out
 
 
-def add_derived(med: dict) -> None:
-    """`train_s`: everything but the rollout and the weight sync (the part the shared forward can change)."""
+def add_derived(med: dict, rows: int) -> None:
+    """`train_s`: everything but the rollout and the weight sync (the part the shared forward can change). TRL's
+    padded tokens: its `rows` padded to the prompt width of the ARPO runs (same sampler and seed, so the same
+    prompts) plus its longest completion (`completions/max_length`; no tools, so no tool results)."""
     for v in med.values():
         if "step_s" in v:
-            v["train_s"] = v["step_s"] - v.get("rollout_s", 0.0) - v.get("weight_sync_s", 0.0)
+            step = v.get("step_without_check_s", v["step_s"])
+            v["train_s"] = step - v.get("rollout_s", 0.0) - v.get("weight_sync_s", 0.0)
+    trl = med.get("trl-grpo")
+    widths = [v["prompt_tokens"] for v in med.values() if "prompt_tokens" in v]
+    if trl and widths and "completion_max_length" in trl:
+        trl["padded_tokens"] = rows * (statistics.median(widths) + trl["completion_max_length"])
 
 
 def markdown(report: dict) -> str:
@@ -687,6 +708,7 @@ def parse_args(argv=None):
     p.add_argument("--branch-beta", type=float, default=0.2, help="ARPO's entropy weight β (branch probability)")
     p.add_argument("--entropy-window", type=int, default=20)
     p.add_argument("--kl-beta", type=float, default=0.04, help="GRPOConfig.beta of the -kl variants")
+    p.add_argument("--beta", type=float, default=0.0, help="GRPOConfig.beta (KL) of the other variants")
     p.add_argument("--max-tokens", type=int, default=4096, help="ARPOConfig.shared_prefix_max_tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="a model directory or embedded:NAME instead of the demo's cold start")
@@ -772,8 +794,8 @@ def main(argv=None) -> dict:
 
     bound = runs.pop("bound", {})
     med = {s: {v: medians(r, opts.warmup) for v, r in vs.items()} for s, vs in runs.items()}
-    for s in med.values():
-        add_derived(s)
+    for setting, s in med.items():
+        add_derived(s, opts.num_generations * prompts_per_step(setting, opts))
     from arpo_trl.demo import DEMO_SYSTEM_PROMPT
     from arpo_trl.models import load_tokenizer, resolve_model_path
 
@@ -789,7 +811,7 @@ def main(argv=None) -> dict:
                 f"max_completion_length={opts.max_completion_length}, max_tool_calling_iterations="
                 f"{opts.max_tool_calls}, α={opts.alpha}, β={opts.branch_beta}, k={opts.entropy_window}, "
                 f"lr={opts.learning_rate}, seed={opts.seed}, float32, backend {opts.backend}, "
-                f"shared_prefix_max_tokens={opts.max_tokens}, KL β={opts.kl_beta} in the -kl variants, TRL's default "
+                f"shared_prefix_max_tokens={opts.max_tokens}, KL β={opts.beta} (-kl variants: {opts.kl_beta}), TRL's default "
                 f"gradient checkpointing; long system prompt {long_tokens} tokens ({LONG_PROMPT_TOOLS_NOTE}: "
                 f"{', '.join(f.__name__ for f in LONG_PROMPT_TOOLS)}); {opts.threads} torch threads; "
                 "each variant in its own process, one after another"
