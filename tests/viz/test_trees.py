@@ -130,3 +130,30 @@ def test_recorded_entropies_match_a_teacher_forced_forward(branching_batch, viz_
         if traj.kind == ROOT:
             expected = window_entropy([e for e in ent if not math.isnan(e)], 4, "sum_lnV", len(tokenizer))
             assert traj.h_initial == pytest.approx(expected, abs=1e-5)
+
+
+def test_rows_of_different_prompts_share_no_node_and_each_prompt_leads_its_own_rows(tokenizer):
+    """Slot 2 (fresh) started from another reset observation than slots 0..1 and its duplicate in slot 3 continues
+    it. Made to sample exactly A's first segment, it still opens a node of its own under its own prompt, and the hard
+    advantages average only over rows of one prompt."""
+    from arpo_trl.viz import tree_html
+
+    trajs, prompts, (a1, a2, a3, b2, c1) = hand_group(tokenizer)
+    other = tokenizer.encode("Add 1, 2 and 4. Observation: 9.", add_special_tokens=False)
+    c, d = trajs[2], trajs[3]
+    c.completion_ids, c.tool_mask = list(trajs[0].completion_ids), list(trajs[0].tool_mask)  # A's tokens exactly
+    d.completion_ids, d.tool_mask = list(c.completion_ids), list(c.tool_mask)
+    prompts = prompts[:2] + [other, other]
+    advantages = torch.tensor([1.0, -1.0, 0.5, 0.3])
+    (tree,) = build_trees(trajs, prompts, [1.0, 0.0, 0.7, 0.2], advantages)
+    assert tree.prompts == [prompts[0], other] and tree.prompt_ids == prompts[0]
+    assert [leaf.prompt for leaf in tree.leaves] == [0, 0, 1, 1]
+    first = [n for n in tree.nodes if n.depth == 1]
+    assert [(n.ids, n.prompt, n.rows) for n in first] == [(a1, 0, [0, 1]), (a1, 1, [2, 3])]
+    # A's first segment: rows 0 and 1 share it (mean of 1 and −1), rows 2 and 3 theirs (mean of 0.5 and 0.3); A's
+    # last segment is row 0's alone, its twin under the other prompt rows 2 and 3's
+    assert first[0].hard_range == (0.0, 0.0) and first[1].hard_range == pytest.approx((0.4, 0.4))
+    assert tree.leaves[0].hard_last == pytest.approx(1.0) and tree.leaves[2].hard_last == pytest.approx(0.4)
+    page = tree_html([tree], tokenizer)
+    assert page.count('<g class="prompt"') == 2 and "Observation: 9." in page
+    assert "prompt 2/2 (" in page and 'id="g0prompt1"' in page
