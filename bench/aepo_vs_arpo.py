@@ -14,12 +14,14 @@ Per variant and step, from the rollout the trainer kept (`trainer.last_rollout`)
 - forks per group, the deepest fork chain, global samples per prompt (N, or m with the budget split);
 - tool calls per completion (a call in a shared prefix counts for each completion holding it) and unique executions;
 - sampled tokens per completion (a branch does not re-sample its parent's prefix), probe tokens (budget split);
-- rollout seconds and step seconds (wall clock, median over the steps after the first).
+- rollout seconds and step seconds (wall clock, median over the steps after the first);
+- the share of valid tokens above the upper clip with A > 0 (AEPO keeps their gradient; PPO zeroes it). With one
+  update per generation batch π = π_old and no token is ever clipped, hence `--updates-per-generation 2`.
 
 It is a mechanics benchmark: a 3.2 M-parameter model and a handful of steps say nothing about accuracy.
 Default settings take a few minutes on 2 CPU cores:
 
-    .venv/bin/python bench/aepo_vs_arpo.py --steps 4 --out bench/results/aepo_vs_arpo
+    .venv/bin/python bench/aepo_vs_arpo.py --steps 4 --num-generations 12 --out bench/results/aepo_vs_arpo
 """
 
 from __future__ import annotations
@@ -121,7 +123,9 @@ def run(name: str, opts, tokenizer, state: dict, out: Path) -> dict:
     m = opts.num_generations
     args = ARPOConfig(
         output_dir=str(out / name),
-        per_device_train_batch_size=m * opts.prompts_per_step,
+        # U optimizer updates per generation batch: from the second on, π differs from π_old and the clip can act
+        per_device_train_batch_size=m * opts.prompts_per_step // opts.updates_per_generation,
+        steps_per_generation=opts.updates_per_generation,
         num_generations=m,
         initial_rollouts=opts.initial_rollouts or m // 4,
         max_completion_length=opts.max_completion_length,
@@ -175,6 +179,7 @@ def run(name: str, opts, tokenizer, state: dict, out: Path) -> dict:
         "probe_tokens_per_prompt": statistics.mean(logged("aepo/probe_sampled_tokens") or [0.0]),
         "consecutive_branches_max": max(logged("aepo/consecutive_branches_max") or [0.0]),
         "kept_gradient_share": statistics.mean(logged("aepo/clipped_gradient_kept_share") or [0.0]),
+        "upper_clipped_share": statistics.mean(logged("clip_ratio/high_mean") or [0.0]),  # TRL's: δ > 1 + ε_h, A > 0
         "rollout_s_median": statistics.median(later(rollout_s)) if rollout_s else None,
         "step_s_median": statistics.median(later(timer.times)) if timer.times else None,
         "reward_mean": statistics.mean(logged("reward") or [float("nan")]),
@@ -185,16 +190,17 @@ def table(rows: list[dict]) -> str:
     head = (
         "| variant | top-3 share of forks | forks / group | max depth | global samples / prompt | tool calls / "
         "completion | unique executions / completion | sampled tokens / completion | probe tokens / prompt | "
-        "rollout s (median) | step s (median) |"
+        "upper-clipped share (A > 0) | rollout s (median) | step s (median) |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         share = "—" if r["top3_share"] is None else f"{r['top3_share']:.3f}"
         lines.append(
             f"| {r['variant']} | {share} | {r['forks_per_group']:.2f} | {r['max_fork_depth']} | "
             f"{r['global_samples_per_prompt']:.2f} | {r['tool_calls_per_completion']:.2f} | "
             f"{r['executions_per_completion']:.2f} | {r['sampled_tokens_per_completion']:.1f} | "
-            f"{r['probe_tokens_per_prompt']:.1f} | {r['rollout_s_median']:.2f} | {r['step_s_median']:.2f} |"
+            f"{r['probe_tokens_per_prompt']:.1f} | {r['upper_clipped_share']:.4f} | {r['rollout_s_median']:.2f} | "
+            f"{r['step_s_median']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -202,10 +208,13 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps")
     p.add_argument("--num-generations", type=int, default=16, help="M")
     p.add_argument("--initial-rollouts", type=int, default=None, help="N (default M/4: room for forks)")
-    p.add_argument("--prompts-per-step", type=int, default=2)
+    p.add_argument("--prompts-per-step", type=int, default=2, help="prompts per generation batch")
+    p.add_argument(
+        "--updates-per-generation", type=int, default=2, help="optimizer steps per generation batch (1: on-policy)"
+    )
     p.add_argument("--max-completion-length", type=int, default=96)
     p.add_argument("--max-tool-calls", type=int, default=3)
     p.add_argument("--learning-rate", type=float, default=1e-3)
