@@ -452,16 +452,20 @@ def test_aepo_recipes_parse_to_the_released_scripts(recipe, tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_two_ranks_with_aepo_on_and_different_trees_finish(tmp_path, tool_model_state):
-    """AEPO's collectives (the kept-gradient share, the sign-flip share, the penalty counts) are made by every rank,
-    whatever its tree: rank 0 forks at every decision (up to the penalty), rank 1 never."""
+    """AEPO's collectives (the budget probe's rounds, the kept-gradient share, the sign-flip share, the penalty counts)
+    are made by every rank, whatever its tree: rank 0 forks at every decision (up to the penalty), rank 1 never."""
     from test_distributed import launch_two_ranks
 
-    overrides = {"algorithm_preset": "aepo", "dynamic_rollouts": None, "branch_penalty_rate": 0.05}
+    # all four parts, the budget split's probe included; β_b = 0 makes m = M/2 whatever the entropies: room to fork
+    overrides = {"algorithm_preset": "aepo", "aepo_budget_sensitivity": 0.0}
     reports = launch_two_ranks("ddp", tmp_path, timeout=600, overrides=overrides)
     assert [r["global_step"] for r in reports] == [2, 2]
     assert reports[0]["branches"] > 0 and reports[1]["branches"] == 0
     assert reports[0]["generate_calls"] == reports[1]["generate_calls"]
-    expected = {"aepo/clipped_gradient_kept_share", "aepo/advantage_sign_flip_share", "aepo/consecutive_branches_max"}
+    expected = {
+        "aepo/clipped_gradient_kept_share", "aepo/advantage_sign_flip_share", "aepo/consecutive_branches_max",
+        "aepo/global_samples_per_prompt", "aepo/probe_sampled_tokens",
+    }  # fmt: skip
     assert all(expected <= set(r["aepo_metrics"]) for r in reports)
 
 
