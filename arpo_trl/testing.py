@@ -20,6 +20,9 @@ import json
 import os
 import random
 import re
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,6 +38,20 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("ARPO_CACHE", Path.home() / ".cache" / "arpo_trl"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _save_atomically(path: Path, save: Callable[[Path], object]) -> None:
+    """`save` into a temporary directory beside `path`, then rename it to `path`: a build that is interrupted, or
+    runs in two processes at once (the first to finish wins), never leaves a half-written entry for a later run."""
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        save(tmp)
+        tmp.rename(path)
+    except OSError:
+        if not path.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def calc(expression: str) -> str:
@@ -100,7 +117,7 @@ def load_tokenizer():
 
         require("gguf")  # transformers reads GGUF files with it
         tok = AutoTokenizer.from_pretrained(smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)
-        tok.save_pretrained(path)
+        _save_atomically(path, tok.save_pretrained)
     # PreTrainedTokenizerFast, not AutoTokenizer: keeps the exact ids of the original (AutoTokenizer may rebuild the
     # pre-tokenizer from the config).
     tok = PreTrainedTokenizerFast.from_pretrained(path)
@@ -257,5 +274,5 @@ def tool_sft(tokenizer, steps: int = 200, batch_size: int = 16, seed: int = 0, l
         optim.step()
         optim.zero_grad()
     model.eval()
-    model.save_pretrained(path)
+    _save_atomically(path, model.save_pretrained)
     return model

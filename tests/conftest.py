@@ -1,6 +1,7 @@
 """Shared fixtures. Everything is offline: see arpo_trl/testing.py and tests/README.md."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -8,6 +9,29 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+
+# The caches `make test` points into one directory of its own (Makefile, TEST_ENV; tests/README.md, "Caches").
+RUN_CACHES = ("XDG_CACHE_HOME", "ARPO_CACHE", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR",
+              "TORCH_HOME", "HF_HOME", "HF_DATASETS_CACHE", "MPLCONFIGDIR")  # fmt: skip
+
+
+def pytest_report_header(config):
+    root = os.environ.get("ARPO_TEST_CACHES")
+    if root is None:
+        return "caches: this environment's own (make test gives the run fresh ones)"
+    return f"caches: {root} ({'fresh' if os.environ.get('ARPO_FRESH_CACHES') == '1' else 'kept between runs'})"
+
+
+def pytest_sessionstart(session):
+    """Under `make test`, the run starts from nothing: every cache is inside its directory, which is empty."""
+    root = os.environ.get("ARPO_TEST_CACHES")
+    if root is None or os.environ.get("ARPO_FRESH_CACHES") != "1":
+        return
+    outside = [name for name in RUN_CACHES if Path(root) not in Path(os.environ.get(name, "/")).parents]
+    if outside:
+        raise pytest.UsageError(f"ARPO_FRESH_CACHES=1 but {', '.join(outside)} are not under {root}")
+    if any(Path(root).iterdir()):
+        raise pytest.UsageError(f"ARPO_FRESH_CACHES=1 but {root} is not empty: {sorted(os.listdir(root))}")
 
 
 @pytest.fixture(scope="session")

@@ -170,11 +170,12 @@ def test_miniature_demo_writes_every_picture_and_they_render(tmp_path, monkeypat
     from PIL import Image
 
     from arpo_trl import demo
-    from arpo_trl.models import cache_dir
+    from arpo_trl.models import resolve_model_path
 
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / "models").symlink_to(cache_dir() / "models")  # converted once for the whole suite; the SFT is not
+    # Converted once per run, here if no earlier test did (the run's caches start empty); the SFT is not.
+    (cache / "models").symlink_to(Path(resolve_model_path("embedded:smollm2-135m-instruct")).parent)
     monkeypatch.setenv("ARPO_CACHE", str(cache))
     out = tmp_path / "demo"
     summary = demo.main(["--output_dir", str(out), "--sft_steps", "2", "--steps", "2", "--prompts_per_step", "1",
