@@ -82,6 +82,19 @@ def _live_kind(obj: Any) -> str | None:
     return None
 
 
+def _copies_itself(obj: Any) -> bool:
+    """Whether `copy.deepcopy` copies `obj` its own way (``__deepcopy__``, ``__reduce__``): not through its attributes,
+    so what they hold is not copied (a `logging.Logger` is shared by name, with the stderr stream of its handlers)."""
+    cls = type(obj)
+    if isinstance(obj, dict | list | tuple | set | frozenset | collections.deque | types.MethodType):
+        return False
+    return (
+        getattr(cls, "__deepcopy__", None) is not None
+        or getattr(cls, "__reduce_ex__", object.__reduce_ex__) is not object.__reduce_ex__
+        or getattr(cls, "__reduce__", object.__reduce__) is not object.__reduce__
+    )
+
+
 def live_connections(env: Any, limit: int = 3) -> list[str]:
     """Where `env`'s state holds a live connection: up to `limit` entries ``"path (kind)"``, e.g.
     ``"env.conn.sock (socket)"``. Follows attributes, ``__slots__``, containers and bound methods' instances, at most
@@ -100,7 +113,7 @@ def live_connections(env: Any, limit: int = 3) -> list[str]:
             continue
         if isinstance(obj, type | types.ModuleType | types.FunctionType | types.BuiltinFunctionType | types.CodeType):
             continue
-        if (type(obj).__module__ or "").split(".")[0] in _OPAQUE_PACKAGES:
+        if (type(obj).__module__ or "").split(".")[0] in _OPAQUE_PACKAGES or _copies_itself(obj):
             continue
         if isinstance(obj, dict):
             todo.extend((f"{path}[{k!r}]", v) for k, v in list(obj.items()))

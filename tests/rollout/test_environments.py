@@ -14,6 +14,7 @@ import http.client
 import http.server
 import io
 import json
+import logging
 import socket
 import sqlite3
 import subprocess
@@ -189,11 +190,14 @@ def test_a_live_connection_is_found_wherever_the_state_holds_it(server, tmp_path
             "env.jobs[0] (Popen)",
             "env.settings['clients'][0].inner (HTTPConnection)",
         ]
-        # Data is not a connection: in-memory streams, arrays, plain containers.
+        # Data is not a connection: in-memory streams, arrays, plain containers; nor is what deepcopy shares rather
+        # than copies (a logger, whose root handler writes to stderr).
         data = Env()
         data.buffer, data.board, data.history = io.StringIO("abc"), np.zeros((4, 4)), [[1, 2], {"a": (3,)}]
+        data.log = logging.getLogger("a.game")
         assert live_connections(data) == []
         check_forkable(data)
+        assert fork_environment(data).log is data.log
     finally:
         process.wait(10)
         handle.close()
