@@ -72,6 +72,11 @@ SWAP = (
     "script = sys.argv.pop(1); sys.argv[0] = script; runpy.run_path(script, run_name='__main__')"
 )
 
+# --trainer grpo: the script as it is, TRL's own GRPOTrainer (the baseline to compare an outcome with).
+NO_SWAP = (
+    "import runpy, sys; script = sys.argv.pop(1); sys.argv[0] = script; runpy.run_path(script, run_name='__main__')"
+)
+
 # Only for a script that builds its GRPOConfig in code (grpo_2048.py) and only without a GPU: GRPOConfig defaults to
 # bf16, which transformers refuses on CPU under GRPOTrainer and ARPOTrainer alike. This second change is reported.
 CPU_CONFIG = (
@@ -244,9 +249,10 @@ def prepare_grpo(work: Path, script: Path, device: str) -> list[str]:
 
 
 GENES = ["TP53", "MDM2", "BRCA1", "BARD1", "JNKK", "MAPK8", "EGFR", "GRB2", "AKT1", "PTEN", "MYC", "MAX"]
-AGENT_SQL = (
-    "SELECT Alt_IDs_Interactor_A, Alt_IDs_Interactor_B FROM interactions WHERE Taxid_Interactor_A = 'taxid:9606'"
-)
+# Selective, so its result fits the completion budget. (A result that does not fit is dropped by GRPOTrainer, whose
+# completion then ends on the assistant's call; when ARPO kept it, the completion ended on the tool turn and the
+# script's `correctness_reward`, which reads the last message's content as text, crashed on the list.)
+AGENT_SQL = "SELECT Aliases_Interactor_B FROM interactions WHERE Aliases_Interactor_A LIKE '%TP53%'"
 
 
 def prepare_agent(work: Path, script: Path, device: str) -> list[str]:
@@ -280,7 +286,7 @@ def prepare_agent(work: Path, script: Path, device: str) -> list[str]:
     namespace = runpy.run_path(str(script), run_name="trl_example")  # its functions, without running its main
     format_example, query_biogrid = namespace["format_example"], namespace["query_biogrid"]
     tokenizer = chat_template_tokenizer()
-    hits = [[(t["Alt IDs Interactor A"], t["Alt IDs Interactor B"])] for t in table[:3]]
+    hits = [[(t["Aliases Interactor B"],)] for t in table[:3]]
 
     def example(rng):
         question, hit = rng.choice(questions), rng.choice(hits)
@@ -288,14 +294,13 @@ def prepare_agent(work: Path, script: Path, device: str) -> list[str]:
         return prompt, [query_biogrid], [("said", call("query_biogrid", sql_command=AGENT_SQL)),
                                          ("tool", "query_biogrid", str(hit)), ("said", "*yes*")]  # fmt: skip
 
-    model = tool_call_sft(tokenizer, example, "biogrid")
+    model = tool_call_sft(tokenizer, example, f"biogrid {AGENT_SQL}")
     model.save_pretrained(work / "tiny-agent")
     tokenizer.save_pretrained(work / "tiny-agent")
     return [
         "--model_name_or_path", "tiny-agent", "--output_dir", "out",
         "--max_steps", "2", "--num_generations", "4", "--per_device_train_batch_size", "8",
-        "--max_completion_length", "160", "--logging_steps", "1", "--report_to", "none",
-        "--log_completions", "true",
+        "--max_completion_length", "256", "--logging_steps", "1", "--report_to", "none",
         *device_flags(device),
     ]  # fmt: skip
 
@@ -371,7 +376,11 @@ def tool_results(work: Path) -> list[str]:
 
     results = []
     for path in sorted(Path(work).rglob("completions_*.parquet")):
-        for completion in pd.read_parquet(path)["completion"]:
+        try:
+            completions = pd.read_parquet(path)["completion"]
+        except Exception:  # a file cut short when the runner stopped the script
+            continue
+        for completion in completions:
             for message in completion if not isinstance(completion, str) else []:
                 if message.get("role") == "tool":
                     results.append(str(message.get("content")))
@@ -379,10 +388,17 @@ def tool_results(work: Path) -> list[str]:
 
 
 def run_script(
-    name: str, work: Path, script: Path, args: list[str], timeout: float, stop_after: int | None, cpu_config: bool
+    name: str,
+    work: Path,
+    script: Path,
+    args: list[str],
+    timeout: float,
+    stop_after: int | None,
+    cpu_config: bool,
+    swap: bool = True,
 ) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": ""}
-    argv = [sys.executable, "-c", (CPU_CONFIG if cpu_config else "") + SWAP, str(script), *args]
+    argv = [sys.executable, "-c", (CPU_CONFIG if cpu_config else "") + (SWAP if swap else NO_SWAP), str(script), *args]
     start = time.monotonic()
     out_path, err_path = work / "stdout.log", work / "stderr.log"
     stopped = False
@@ -398,7 +414,12 @@ def run_script(
         proc.wait()
     stdout, stderr = out_path.read_text(), err_path.read_text()
     logs = [e for e in parse_logs(stdout) if "loss" in e]
-    report = {"script": SCRIPTS[name], "seconds": round(time.monotonic() - start, 1), "steps_logged": len(logs)}
+    report = {
+        "script": SCRIPTS[name],
+        "trainer": "ARPOTrainer" if swap else "GRPOTrainer",
+        "seconds": round(time.monotonic() - start, 1),
+        "steps_logged": len(logs),
+    }
     if cpu_config:
         report["note"] = "no GPU: GRPOConfig defaulted to use_cpu=True, bf16=False (the script's config is in code)"
     error = last_error(stderr)
@@ -431,6 +452,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a new temp dir)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per script")
+    parser.add_argument(
+        "--trainer", choices=("arpo", "grpo"), default="arpo", help="grpo: run the scripts unswapped (a baseline)"
+    )
     parser.add_argument("--report", type=Path, default=None, help="JSON report (default: WORKDIR/report.json)")
     opts = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -450,10 +474,11 @@ def main(argv: list[str] | None = None) -> None:
         script.write_text(text)
         print(f"{SCRIPTS[name]}: preparing stand-ins", flush=True)
         args = PREPARE[name](work, script, opts.device)
-        print(f"{SCRIPTS[name]}: running with the class swapped", flush=True)
+        print(f"{SCRIPTS[name]}: running" + (" with the class swapped" if opts.trainer == "arpo" else ""), flush=True)
         in_code = name == "2048"  # the script sets its config in code and takes no arguments
         stop_after = 2 if in_code else None
-        report = run_script(name, work, script, args, opts.timeout, stop_after, in_code and opts.device == "cpu")
+        cpu_config = in_code and opts.device == "cpu"
+        report = run_script(name, work, script, args, opts.timeout, stop_after, cpu_config, opts.trainer == "arpo")
         reports.append(report)
         print(json.dumps(report, indent=1), flush=True)
     path = opts.report or workdir / "report.json"
