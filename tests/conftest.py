@@ -22,16 +22,21 @@ def pytest_report_header(config):
     return f"caches: {root} ({'fresh' if os.environ.get('ARPO_FRESH_CACHES') == '1' else 'kept between runs'})"
 
 
-def pytest_sessionstart(session):
-    """Under `make test`, the run starts from nothing: every cache is inside its directory, which is empty."""
+def _check_fresh_caches() -> None:
+    """Under `make test`, the run starts from nothing: every cache is inside its directory, which is empty. Checked
+    when this file is imported, before any other conftest or test module imports torch or vLLM (which create cache
+    directories as they load)."""
     root = os.environ.get("ARPO_TEST_CACHES")
     if root is None or os.environ.get("ARPO_FRESH_CACHES") != "1":
         return
     outside = [name for name in RUN_CACHES if Path(root) not in Path(os.environ.get(name, "/")).parents]
     if outside:
-        raise pytest.UsageError(f"ARPO_FRESH_CACHES=1 but {', '.join(outside)} are not under {root}")
+        pytest.exit(f"ARPO_FRESH_CACHES=1 but {', '.join(outside)} are not under {root}", returncode=4)
     if any(Path(root).iterdir()):
-        raise pytest.UsageError(f"ARPO_FRESH_CACHES=1 but {root} is not empty: {sorted(os.listdir(root))}")
+        pytest.exit(f"ARPO_FRESH_CACHES=1 but {root} is not empty: {sorted(os.listdir(root))}", returncode=4)
+
+
+_check_fresh_caches()
 
 
 @pytest.fixture(scope="session")
