@@ -538,6 +538,10 @@ class ARPOTrainer(GRPOTrainer):
             metrics["arpo/entropy_initial_mean"].append((sum_h_t - sum_dh) / n_dh)
             metrics["arpo/branch_probability_mean"].append(sum_p / n_dh)
         metrics["arpo/generation_rounds"].append(rounds / self.accelerator.num_processes)
+        # Where this process's rollout time went (definitions per driver: RolloutStats).
+        metrics["rollout/generation_seconds"].append(stats.generation_seconds)
+        metrics["rollout/tool_seconds"].append(stats.tool_seconds)
+        metrics["rollout/wait_seconds"].append(stats.wait_seconds)
         metrics["tools/calls_per_completion"].append(calls / completions)
         metrics["tools/executions_per_completion"].append(execs / completions)
         metrics["tools/errors"].append(errors)

@@ -124,6 +124,8 @@ class AsyncTreeRollout(TreeDriver):
                 tasks.add(asyncio.create_task(self._trajectory(batch, traj, decided)))
 
         batch = _Batch(tree, pool, seed, next(self._batches), launch)
+        self._streaming, self._streaming_since = 0, 0.0  # requests in flight, and since when the count was > 0
+        started = asyncio.get_running_loop().time()
         launch(tree.start())
         try:
             while tasks:
@@ -134,7 +136,19 @@ class AsyncTreeRollout(TreeDriver):
         finally:
             for task in tasks:
                 task.cancel()
+        wall = asyncio.get_running_loop().time() - started
+        tree.stats.tool_seconds = self.tool_seconds
+        tree.stats.wait_seconds = max(0.0, wall - tree.stats.generation_seconds)
         return tree.finish()
+
+    def _streams(self, stats: RolloutStats, change: int) -> None:
+        """Count a request starting (+1) or ending (-1); the time with at least one in flight is generation time."""
+        now = asyncio.get_running_loop().time()
+        if change > 0 and self._streaming == 0:
+            self._streaming_since = now
+        self._streaming += change
+        if change < 0 and self._streaming == 0:
+            stats.generation_seconds += now - self._streaming_since
 
     # ------------------------------------------------------------------ one trajectory
     async def _trajectory(self, batch: _Batch, traj: Trajectory, decided: asyncio.Future | None = None) -> None:
@@ -147,9 +161,13 @@ class AsyncTreeRollout(TreeDriver):
             owner = traj.slot if traj.slot >= 0 else f"{traj.parent}.{-traj.slot}"
             key = f"{owner}-{traj.kind}-{len(traj.completion_ids)}"
             request_seed = None if batch.seed is None else zlib.crc32(f"{batch.seed}-{key}".encode()) & 0x7FFFFFFF
-            segment, window = await self._segment(
-                batch, traj, f"arpo-{batch.number}-{key}", request_seed, copies, decided
-            )
+            self._streams(tree.stats, +1)
+            try:
+                segment, window = await self._segment(
+                    batch, traj, f"arpo-{batch.number}-{key}", request_seed, copies, decided
+                )
+            finally:
+                self._streams(tree.stats, -1)
             copies, decided = None, None
             if segment is None:  # discarded while streaming: its slot went to a branch, or no fork was decided
                 return

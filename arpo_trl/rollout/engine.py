@@ -22,6 +22,7 @@ number of generate calls.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -91,6 +92,7 @@ class TreeRollout(TreeDriver):
         parent's prompt with a copy of its parent's environment."""
         tree = self.new_tree(prompt_ids, environments)
         stats = tree.stats
+        started = time.perf_counter()
         live = tree.start()
         while self.any_active(bool(live)):
             stats.rounds += 1
@@ -99,7 +101,9 @@ class TreeRollout(TreeDriver):
             copies = [c for t in live for c in prepared[id(t)]]  # they share their parent's prefix
             rows = live + copies
             needs = [tree.needs_entropy(t) for t in rows]
+            clock = time.perf_counter()
             segments = self.generate([tree.prefix(t) for t in rows], [tree.room(t) for t in rows], needs)
+            stats.generation_seconds += time.perf_counter() - clock
             sampled = {id(c): seg for c, seg in zip(copies, segments[len(live) :], strict=True)}
             forks: list[Trajectory] = []
             calling: list[tuple[Trajectory, list[ToolCall], float | None]] = []
@@ -123,7 +127,11 @@ class TreeRollout(TreeDriver):
             runnable = [(t, calls, w) for t, calls, w in calling if tree.admit(t, calls)]
             flat = [call for _, calls, _ in runnable for call in calls]
             toolsets = [self.toolset(t) for t, calls, _ in runnable for _ in calls] if self.toolset else None
-            results = self.executor.run(flat, toolsets) if flat else []
+            results = []
+            if flat:
+                clock = time.perf_counter()
+                results = self.executor.run(flat, toolsets)
+                stats.tool_seconds += time.perf_counter() - clock
             offset = 0
             for traj, calls, window in runnable:
                 forks += tree.apply_results(traj, calls, results[offset : offset + len(calls)], window)
@@ -131,6 +139,7 @@ class TreeRollout(TreeDriver):
 
             live = [t for t in live if not t.done] + [f for f in forks if not f.done]
             live += tree.fill()
+        stats.wait_seconds = time.perf_counter() - started - stats.generation_seconds - stats.tool_seconds
         return tree.finish(), stats
 
     @staticmethod

@@ -110,6 +110,13 @@ class RolloutStats:
     entropy_deltas: list[float] = field(default_factory=list)  # ΔH at each decision
     entropy_after_tool: list[float] = field(default_factory=list)  # H_t at each decision (ΔH + H_initial)
     branch_probabilities: list[float] = field(default_factory=list)
+    # Where the rollout's wall time went (seconds). Round driver: inside the generator's calls / the rounds' tool
+    # executions / the rest (the tree's bookkeeping). Asynchronous driver: while at least one request streamed /
+    # tool calls summed over calls (they overlap generation and each other) / while no request streamed (the
+    # engine idle, waiting on tools).
+    generation_seconds: float = 0.0
+    tool_seconds: float = 0.0
+    wait_seconds: float = 0.0
 
 
 class RolloutTree:
