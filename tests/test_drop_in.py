@@ -36,6 +36,10 @@ def settings(tmp_path, name, **overrides):
         max_completion_length=24,
         max_steps=2,
         learning_rate=1e-2,
+        # Δθ = −lr·∇: equal updates mean equal gradients. ARPO's shared-prefix forward sums the same terms in
+        # another order; Adam would turn those float-rounding differences of near-zero gradients (|g| ~ its eps)
+        # into steps of a fair fraction of lr, which no gradient comparison should read as a difference.
+        optim="sgd",
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -103,6 +107,12 @@ def run_both(tool_model_state, tokenizer, tmp_path, dataset, make_rewards, **con
             train_dataset=dataset,
             processing_class=tokenizer,
         )
+        if cls is ARPOTrainer and config.get("per_device_train_batch_size", 8) < 8:
+            # Micro-batches smaller than the generation batch: the shared-prefix forward's shuffle keeps groups
+            # whole, so each micro-batch holds other rows than GRPOTrainer's row shuffle gives it (same RNG draw,
+            # same gradient summed over a generation batch, other per-micro-batch figures). Exact comparison
+            # with GRPO uses TRL's row shuffle; tests/test_shared_prefix.py covers the grouped micro-batches.
+            trainer.args.shared_prefix_forward = False
         trainer.train()
         out[cls] = (trainer, [r for r, _ in rewards])
     return out[GRPOTrainer], out[ARPOTrainer]

@@ -103,5 +103,9 @@ def test_same_completions_give_grpos_loss_and_gradients(tool_model_state, tokeni
     assert a_log["loss"] == pytest.approx(g_log["loss"], rel=1e-6, abs=1e-8)
     assert a_log["reward_std"] == pytest.approx(g_log["reward_std"]) and g_log["reward_std"] > 0
     assert any(d.abs().max() > 0 for d in g_delta.values())  # the step really moved the model
+    # ARPO's shared-prefix forward computes the prompt once for the group and sums the same gradient terms in
+    # another order: equal up to float32 rounding, i.e. relative to the size of the step (not element-wise, where a
+    # near-zero gradient's rounding is all of it).
+    scale = max(d.abs().max().item() for d in g_delta.values())
     for key, want in g_delta.items():
-        torch.testing.assert_close(a_delta[key], want, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(a_delta[key], want, rtol=1e-5, atol=1e-5 * scale)
