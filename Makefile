@@ -49,7 +49,7 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS) Makefile
 # empty directory, removed afterwards, so whatever the tests need is built inside the run and a test that passes only
 # because an earlier run left something behind fails. pip's download cache is kept (the wheel test installs from it).
 # `make test-warm` keeps these caches in .cache/test-warm/ between runs instead: quicker, for local iteration only.
-# TEST_ARGS: more pytest arguments, e.g. `make test-warm TEST_ARGS="tests/vllm -x"` (tests/ when none names a path).
+# TEST_ARGS: more pytest arguments, e.g. `make test-warm TEST_ARGS="tests/vllm_backend -x"` (tests/ when none names a path).
 TEST_ARGS ?=
 WARM_CACHES := $(CURDIR)/.cache/test-warm
 # Shell code: the environment of a test run whose caches are all under $$root (set before it).

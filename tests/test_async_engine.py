@@ -4,7 +4,7 @@ A scripted model stands in at the generation seam of each driver: the same funct
 `Generator` (rounds) and a streaming engine (one request per trajectory, token by token), so both drivers see the
 same segments and the same entropies for the same prefixes. Where the scenario is deterministic whatever the
 order of events (no branching, or decisions that do not compete for the last slots), the trees must be equal;
-elsewhere the invariants must hold. The real vLLM engine is exercised in tests/vllm/.
+elsewhere the invariants must hold. The real vLLM engine is exercised in tests/vllm_backend/.
 """
 
 import asyncio

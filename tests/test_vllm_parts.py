@@ -1,6 +1,6 @@
 """The vLLM backend's parts that need no running engine, on real vLLM types: the shared-memory entropy table and
 its client, the worker's entropy processor driven by vLLM's own `BatchUpdate`s, the conversion of vLLM's outputs
-into `StreamUpdate`s, and the environment the engine is spawned in. `tests/vllm/` runs them inside real engines;
+into `StreamUpdate`s, and the environment the engine is spawned in. `tests/vllm_backend/` runs them inside real engines;
 here each rule is checked on its own, fast enough for `make mutate`."""
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def test_two_engines_in_one_process_get_tables_of_their_own(tmp_path):
 
 @pytest.mark.parametrize("find, available", [(None, False), ("namespace", False), ("module", True)])
 def test_vllm_available_asks_for_vllm_and_refuses_a_bare_namespace_package(monkeypatch, find, available):
-    """Under pytest, `tests/vllm` on sys.path is an empty namespace package named vllm: no origin."""
+    """Under pytest, a `tests/vllm` folder on sys.path is an empty namespace package named vllm: no origin."""
     import importlib.machinery
     import importlib.util
 

@@ -1,6 +1,6 @@
 """The vLLM backend's plumbing that needs no engine: the event-loop thread both engines run on, the trainer's weights
 as the colocated engine loads them (LoRA merged, HF names, the exported directory), and the server engine's command
-line and chunk parsing. `tests/vllm/` runs them against real engines and a real server; here each rule is checked on
+line and chunk parsing. `tests/vllm_backend/` runs them against real engines and a real server; here each rule is checked on
 its own, fast enough for `make mutate`."""
 
 from __future__ import annotations

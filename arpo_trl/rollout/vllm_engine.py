@@ -119,7 +119,7 @@ class EntropyTable:
 def vllm_available() -> bool:
     """True when the `vllm` package is installed (checked without importing it, which takes seconds)."""
     spec = importlib.util.find_spec("vllm")
-    # A directory named vllm on sys.path (tests/vllm under pytest) is an empty namespace package: origin None.
+    # A directory named vllm on sys.path (a tests/vllm folder under pytest) is an empty namespace package: origin None.
     return spec is not None and spec.origin is not None
 
 

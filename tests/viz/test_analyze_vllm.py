@@ -12,7 +12,7 @@ from arpo_trl.viz.sampling import teacher_forced_entropies
 pytestmark = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (make install)")
 
 K = 4
-# |vLLM − transformers| entropy, float32 both sides: measured at most 7e-6 on this model (tests/vllm); the bound
+# |vLLM − transformers| entropy, float32 both sides: measured at most 7e-6 on this model (tests/vllm_backend); the bound
 # leaves room for other CPUs' kernels.
 TOL = 1e-4
 
