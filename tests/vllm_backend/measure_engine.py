@@ -1,6 +1,6 @@
 """Figures of the vLLM engine layer (not a test): start, throughput, entropy overhead, entropies() latency, weights.
 
-    HF_HUB_OFFLINE=1 python tests/vllm/measure_engine.py [--model DIR] [--requests 16] [--tokens 64]
+    HF_HUB_OFFLINE=1 python tests/vllm_backend/measure_engine.py [--model DIR] [--requests 16] [--tokens 64]
 
 Without --model it serves the tests' tiny model (re-laid out to head size 32). Timings alternate the variants
 rep by rep, so a machine shared with other work loads them alike; read them as ratios.

@@ -14,7 +14,7 @@ from arpo_trl.testing import widen_heads as widen_heads  # re-exported: test_tra
 REPO = Path(__file__).resolve().parents[2]
 
 # |vLLM − transformers| on logprobs and entropies, float32 on both sides. Measured on this model (32 tokens × 4
-# requests, T = 1 and 0.7, tests/vllm/measure_engine.py): at most 9e-6 for logprobs and 7e-6 for entropies; the
+# requests, T = 1 and 0.7, tests/vllm_backend/measure_engine.py): at most 9e-6 for logprobs and 7e-6 for entropies; the
 # bounds leave room for other CPUs' kernels (the issue asks ≤ 1e-3 for entropies).
 LOGPROB_TOL = 1e-4
 ENTROPY_TOL = 1e-4
