@@ -131,8 +131,11 @@ def test_trainer_in_server_mode_branches_and_pushes_its_weights(server, tokenize
         trainer.train()
         logs = trainer.state.log_history
         assert len([e for e in logs if "vllm/weight_sync_s" in e]) == 2
-        for ratio in [e["sampling/importance_sampling_ratio/mean"] for e in logs if "loss" in e]:
-            assert ratio == pytest.approx(1.0, abs=2e-3)  # stale server weights would move it at lr 1e-2
+        # Stale server weights at lr 1e-2 would move these: each sampled token's logprob within 1e-3 of the
+        # trainer's (vLLM's CPU kernels differ by up to ~2.5e-4), a sequence's ratio (their sum) within 1e-2.
+        for e in [e for e in logs if "loss" in e]:
+            assert e["sampling/sampling_logp_difference/max"] < 1e-3
+            assert e["sampling/importance_sampling_ratio/mean"] == pytest.approx(1.0, abs=1e-2)
         for batch in trainer.batches:
             trajs, stats = batch["rollout"].trajectories, batch["rollout"].stats
             assert len(trajs) == 8 and all(t.done for t in trajs)

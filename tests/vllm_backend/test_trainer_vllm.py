@@ -103,8 +103,12 @@ def test_trains_with_real_branching_and_the_sandboxed_tool(trained, tokenizer):
             for lp, sampled in zip(t.logprobs, t.tool_mask):
                 assert (lp == 0.0) if not sampled else (lp <= 0.0 and not math.isnan(lp))
     # vLLM sampled with the trainer's weights at every step: TRL's importance-sampling ratio is 1 (to float noise)
+    # (each token within 1e-3: vLLM's CPU kernels differ by up to ~2.5e-4 on the freshly built tool model; a
+    # sequence's ratio sums them, 0.9973 measured before any update)
+    for diff in logs(trainer, "sampling/sampling_logp_difference/max"):
+        assert diff < 1e-3
     for ratio in logs(trainer, "sampling/importance_sampling_ratio/mean"):
-        assert ratio == pytest.approx(1.0, abs=2e-3)
+        assert ratio == pytest.approx(1.0, abs=1e-2)
     assert sum(b["rollout"].stats.branches for b in trainer.batches) > 0
     answered = [e for b in trainer.batches for t in b["rollout"].trajectories for e in t.tool_events if not e.error]
     assert answered, "the sandbox answered no call"
