@@ -23,15 +23,15 @@ from trl.extras.profiling import profiling_context
 
 from .advantages import hard_attribution
 from .config import AEPOConfig, ARPOConfig
-from .rollout.async_engine import AsyncTreeRollout
 from .rollout.branching import BranchPolicy, rollout_seed
-from .rollout.engine import RolloutSettings, RolloutStats, TreeRollout
 from .rollout.entropy import EntropyRecorder, output_logit_transform
 from .rollout.environments import NOT_TOOLS, check_forkable, environment_tools
 from .rollout.generation import TransformersGenerator
 from .rollout.protocols import ChatTemplateProtocol, TagProtocol
-from .rollout.rollout_tree import prompt_keys
-from .rollout.tree import Trajectory
+from .rollout.round_driver import RolloutSettings, RolloutStats, RoundDriver
+from .rollout.stream_driver import StreamDriver
+from .rollout.trajectory import Trajectory
+from .rollout.tree import prompt_keys
 from .shared_prefix import SharedPrefixForward, groups_kept_whole
 from .tools import ToolExecutor, as_function, tools_by_name
 
@@ -97,9 +97,9 @@ class ARPOTrainer(GRPOTrainer):
     - `_generate` runs ARPO's tree rollout instead of TRL's single-turn generation plus tool loop: N roots per
       prompt, branches forked after tool results when the entropy of the tokens that follow rises, unused budget
       filled, exactly M = `num_generations` completions per prompt, the tool-result tokens masked out of the loss.
-      Evaluation samples plain trajectories with the same tools. One tree logic (`rollout.rollout_tree`), two
-      drivers: synchronous rounds over transformers `generate` (`rollout.engine.TreeRollout`), or with
-      `use_vllm=True` an asynchronous rollout over a colocated vLLM engine (`rollout.async_engine`), whose
+      Evaluation samples plain trajectories with the same tools. One tree logic (`rollout.tree`), two
+      drivers: synchronous rounds over transformers `generate` (`rollout.round_driver.RoundDriver`), or with
+      `use_vllm=True` an asynchronous rollout over a colocated vLLM engine (`rollout.stream_driver`), whose
       sampling logprobs feed TRL's importance-sampling correction; TRL's own vLLM engine is not started, and the
       weights are pushed to ARPO's before each rollout that follows an optimizer step.
     - `_generate_and_score_completions` calls TRL's, then (for `advantage_attribution="hard"`) replaces the (B,)
@@ -434,7 +434,7 @@ class ARPOTrainer(GRPOTrainer):
         if self.vllm_engine is not None:
             self._sync_vllm_weights(mode)
             started = time.perf_counter()
-            rollout = AsyncTreeRollout(
+            rollout = StreamDriver(
                 engine=self.vllm_engine,
                 stop=self.tool_protocol.stop_strings,
                 entropy_estimator=self.args.entropy_estimator,
@@ -449,7 +449,7 @@ class ARPOTrainer(GRPOTrainer):
                 self._metrics[mode]["vllm/fork_prefix_cache_hit_rate"].append(cached / max(total, 1))
             logprobs = [t.logprobs for t in trajectories]  # TRL's importance-sampling correction reads them
         else:
-            rollout = TreeRollout(generator=self.generator, any_active=self._any_process_active, **common)
+            rollout = RoundDriver(generator=self.generator, any_active=self._any_process_active, **common)
             trajectories, stats = rollout.run(prompt_ids, self.environments or None)
             logprobs = None
         self._metrics[mode]["arpo/rollout_seconds"].append(time.perf_counter() - started)  # wall time, tools included
@@ -596,14 +596,14 @@ class ARPOTrainer(GRPOTrainer):
         try:
             if self.vllm_engine is not None:
                 self._sync_vllm_weights(mode)
-                rollout = AsyncTreeRollout(
+                rollout = StreamDriver(
                     engine=self.vllm_engine, stop=self.tool_protocol.stop_strings,
                     entropy_estimator=a.entropy_estimator, **probe,
                 )  # fmt: skip
                 seed = rollout_seed(a.seed, self.accelerator.process_index, "probe", self.state.global_step, 0)
                 trajectories, _ = rollout.run(probe_prompts, None, seed=seed)
             else:
-                rollout = TreeRollout(generator=self.generator, any_active=self._any_process_active, **probe)
+                rollout = RoundDriver(generator=self.generator, any_active=self._any_process_active, **probe)
                 trajectories, _ = rollout.run(probe_prompts, None)
         finally:
             if batch_prompts is not None:

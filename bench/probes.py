@@ -27,10 +27,10 @@ from trl import GRPOTrainer
 
 import arpo_trl.rollout.generation as arpo_generation
 from arpo_trl import ARPOTrainer
-from arpo_trl.rollout.engine import TreeRollout
 from arpo_trl.rollout.entropy import EntropyRecorder
 from arpo_trl.rollout.generation import TransformersGenerator
-from arpo_trl.rollout.rollout_tree import RolloutTree
+from arpo_trl.rollout.round_driver import RoundDriver
+from arpo_trl.rollout.tree import RolloutTree
 from arpo_trl.tools import ToolExecutor
 
 
@@ -50,7 +50,7 @@ class StepRecord:
     stop_init_s: float = 0.0
     tools_s: float = 0.0
     tool_rounds: int = 0
-    engine_s: float = 0.0  # ARPO: TreeRollout.run
+    engine_s: float = 0.0  # ARPO: RoundDriver.run
     generator_s: float = 0.0  # ARPO: TransformersGenerator.__call__
     sampled_tokens: int = 0
     completions: int = 0
@@ -197,7 +197,7 @@ def install_probes() -> None:
 
     _patch(arpo_generation._FirstStop, "__call__", simple("stop_check_s"))
     _patch(StopStringCriteria, "__init__", simple("stop_init_s"))
-    _patch(TreeRollout, "run", simple("engine_s"))
+    _patch(RoundDriver, "run", simple("engine_s"))
 
     def fill(original):  # the round driver calls it once per round, after the round's results are in
         def wrapper(self, *args, **kwargs):

@@ -477,14 +477,14 @@ def test_dynamic_budget_starts_m_roots_per_prompt_from_the_probe(tool_model, tok
 
     probes = []
 
-    class Probing(trainer_module.TreeRollout):
+    class Probing(trainer_module.RoundDriver):
         def run(self, prompt_ids, environments=None):
             trajectories, stats = super().run(prompt_ids, environments)
             if self.s.group_size == 2:  # the probe: one root per prompt and its duplicate
                 probes.append(trajectories)
             return trajectories, stats
 
-    monkeypatch.setattr(trainer_module, "TreeRollout", Probing)
+    monkeypatch.setattr(trainer_module, "RoundDriver", Probing)
     trainer = _trainer(
         tool_model, tokenizer, tmp_path, dynamic_rollouts=split, aepo_budget_sensitivity=2.0,
         branch_base_probability=0.0, branch_entropy_weight=0.0, max_steps=1,

@@ -14,7 +14,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from arpo_trl import ARPOConfig, ARPOTrainer
-from arpo_trl.rollout.engine import Segment
+from arpo_trl.rollout.round_driver import Segment
 from arpo_trl.testing import build_tiny_model, calc, calc_dataset, chat_template_tokenizer
 
 M = 4

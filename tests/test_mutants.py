@@ -10,11 +10,10 @@ import zlib
 
 import pytest
 import torch
-from test_async_engine import ScriptedEngine, scripted_segment, settings
+from test_stream_driver import ScriptedEngine, scripted_segment, settings
 from transformers import PythonBackend
 
 from arpo_trl.advantages import hard_attribution
-from arpo_trl.rollout.async_engine import AsyncTreeRollout
 from arpo_trl.rollout.branching import BranchPolicy
 from arpo_trl.rollout.entropy import (
     EntropyRecorder,
@@ -26,8 +25,9 @@ from arpo_trl.rollout.entropy import (
 )
 from arpo_trl.rollout.environments import NOT_TOOLS, check_forkable, environment_tools, fork_environment
 from arpo_trl.rollout.protocols import TagProtocol
-from arpo_trl.rollout.rollout_tree import RolloutSettings, RolloutTree, Segment
-from arpo_trl.rollout.tree import DUPLICATE, SlotPool, ToolEvent, Trajectory
+from arpo_trl.rollout.stream_driver import StreamDriver
+from arpo_trl.rollout.trajectory import DUPLICATE, SlotPool, ToolEvent, Trajectory
+from arpo_trl.rollout.tree import RolloutSettings, RolloutTree, Segment
 from arpo_trl.rollout.vllm_engine import StreamUpdate
 from arpo_trl.testing import calc
 from arpo_trl.tools import ToolCall, ToolExecutor, ToolResult
@@ -55,7 +55,7 @@ def test_hard_attribution_returns_on_the_advantages_device_whatever_the_default_
     assert out.tolist() == [[0.0, 1.0], [0.0, -1.0]]
 
 
-# ---------------------------------------------------------------------------------------------- tree.py
+# ---------------------------------------------------------------------------------------------- trajectory.py
 
 
 def test_a_duplicate_takes_its_slot_and_shares_the_whole_completion():
@@ -168,7 +168,7 @@ def test_environment_copy_hooks_are_not_offered_as_tools():
     assert sorted(environment_tools(Hooks("x"), [])) == ["calc"]
 
 
-# ---------------------------------------------------------------------------------------------- async_engine.py
+# ---------------------------------------------------------------------------------------------- stream_driver.py
 
 
 def test_truncated_entropy_skips_impossible_candidates():
@@ -198,7 +198,7 @@ def async_rollout(tok, m=2, n=2, calls=2, tools=(calc,), engine=None, max_worker
         if k in kw
     }
     options.setdefault("stop", protocol.stop_strings)
-    rollout = AsyncTreeRollout(
+    rollout = StreamDriver(
         settings(m, n, **kw), engine or Recording(tok, calls), protocol,
         ToolExecutor(list(tools), timeout=5, max_workers=max_workers), BranchPolicy(alpha, 0.0, seed=0),
         len(tok), tok.eos_token_id, **options,
@@ -268,7 +268,7 @@ def test_tool_seconds_sum_the_calls_and_tools_run_in_the_bounded_pool(tokenizer)
     assert 8 * 0.05 <= rollout.tool_seconds < 30  # 8 calls, each timed from submission (queued ones wait longer)
 
 
-# ---------------------------------------------------------------------------------------------- tree.py: forks
+# ---------------------------------------------------------------------------------------------- trajectory.py: forks
 
 
 def test_a_fork_copies_every_field_of_the_state_and_forks_the_environment():
@@ -299,7 +299,7 @@ def test_slot_pool_reclaims_only_as_many_lent_slots_as_asked():
     assert pool.take(0, 1) == [3] and pool.free(0) == 2
 
 
-# ---------------------------------------------------------------------------------------------- rollout_tree.py
+# ---------------------------------------------------------------------------------------------- tree.py
 
 
 class Protocol:
@@ -648,17 +648,17 @@ def test_threshold_rule_defaults_to_one_half_and_unknown_rules_are_named():
         BranchPolicy(0.3, 0.2, rule="coin")
 
 
-# ---------------------------------------------------------------------------------------------- engine.py (rounds)
+# ---------------------------------------------------------------------------------------------- round_driver.py (rounds)
 
 
 def _round_driver(tok, m, n, alpha=0.0, toolset=None, generator=None, z=1, **kw):
-    from test_engine import ScriptedGenerator
+    from test_round_driver import ScriptedGenerator
 
-    from arpo_trl.rollout.engine import TreeRollout
+    from arpo_trl.rollout.round_driver import RoundDriver
 
     s = RolloutSettings(group_size=m, initial_rollouts=n, branch_factor=z, entropy_window=4, max_completion_length=200,
                         **kw)  # fmt: skip
-    return TreeRollout(
+    return RoundDriver(
         s, generator or ScriptedGenerator(tok, calls=2), TagProtocol(tok, ["calc"]),
         ToolExecutor([calc], timeout=5), BranchPolicy(alpha, 0.0, seed=0), len(tok), tok.eos_token_id,
         toolset=toolset,
@@ -688,7 +688,7 @@ def test_the_round_driver_runs_each_trajectorys_calls_on_its_own_environment(tok
 def test_speculative_forks_are_sampled_without_measuring_their_entropy(tokenizer, m, z):
     """A speculative copy's window is never read (it is its parent's next segment, decided on the parent's):
     its row asks the generator for no entropy, however many copies the decision has."""
-    from test_engine import ScriptedGenerator
+    from test_round_driver import ScriptedGenerator
 
     gen = ScriptedGenerator(tokenizer, calls=2)
     _round_driver(tokenizer, m=m, n=1, alpha=1.0, generator=gen, z=z, speculative_forks=True).run(
@@ -701,7 +701,7 @@ def test_speculative_forks_are_sampled_without_measuring_their_entropy(tokenizer
 def test_groups_do_not_slow_each_other_down(tokenizer):
     """Identical groups take as many rounds together as one alone, also when a branch evicts a speculative fresh
     rollout of the first group while the second group's rows wait later in the same round."""
-    from test_engine import ScriptedGenerator, rollout
+    from test_round_driver import ScriptedGenerator, rollout
 
     rounds = []
     for groups in (1, 2):
@@ -712,7 +712,7 @@ def test_groups_do_not_slow_each_other_down(tokenizer):
     assert rounds[0] == rounds[1]
 
 
-# ---------------------------------------------------------------------------------------------- rollout_tree.py: 2
+# ---------------------------------------------------------------------------------------------- tree.py: 2
 
 
 class NoCalls(Protocol):
@@ -832,7 +832,7 @@ def test_extend_marks_missing_logprobs_nan_for_sampled_tokens_and_zero_for_envir
     assert [math.isnan(x) for x in traj.logprobs[:2]] == [True, True] and traj.logprobs[2] == 0.0
 
 
-# ---------------------------------------------------------------------------------------------- async_engine.py: 2
+# ---------------------------------------------------------------------------------------------- stream_driver.py: 2
 
 
 class Observed(ScriptedEngine):

@@ -9,13 +9,13 @@ Both drivers run the same scenarios (the scripted model of test_async_engine).
 """
 
 import pytest
-from test_async_engine import ScriptedEngine, ScriptedGenerator
+from test_stream_driver import ScriptedEngine, ScriptedGenerator
 
 from arpo_trl import ARPOConfig
-from arpo_trl.rollout.async_engine import AsyncTreeRollout
 from arpo_trl.rollout.branching import BranchPolicy
-from arpo_trl.rollout.engine import RolloutSettings, Segment, TreeRollout
 from arpo_trl.rollout.protocols import TagProtocol
+from arpo_trl.rollout.round_driver import RolloutSettings, RoundDriver, Segment
+from arpo_trl.rollout.stream_driver import StreamDriver
 from arpo_trl.testing import calc
 from arpo_trl.tools import ToolExecutor
 
@@ -43,9 +43,9 @@ def run(tok, driver="rounds", m=4, n=1, calls=1, alpha=1.0, generator=None, froz
         frozen_initial=frozen,
     )
     if driver == "rounds":
-        rollout = TreeRollout(generator=generator or ScriptedGenerator(tok, calls), **common)
+        rollout = RoundDriver(generator=generator or ScriptedGenerator(tok, calls), **common)
     else:
-        rollout = AsyncTreeRollout(engine=ScriptedEngine(tok, calls), stop=protocol.stop_strings, **common)
+        rollout = StreamDriver(engine=ScriptedEngine(tok, calls), stop=protocol.stop_strings, **common)
     prompt = prompt or tok.encode("Add 1 and 2.")
     return rollout.run([prompt] * (m * groups))
 

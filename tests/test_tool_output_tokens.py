@@ -250,7 +250,7 @@ class ScriptedFirstSegment:
         self.inner, self.tok, self.call_ids, self.finish, self.marker = inner, tok, call_ids, finish, marker
 
     def __call__(self, prefixes, max_new_tokens, need_entropy=None):
-        from arpo_trl.rollout.engine import Segment
+        from arpo_trl.rollout.round_driver import Segment
 
         scripted = [self.marker not in self.tok.decode(p) for p in prefixes]
         need_entropy = need_entropy or [True] * len(prefixes)

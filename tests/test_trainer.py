@@ -432,7 +432,7 @@ class FirstTurnScripted:
         self.call_ids = tokenizer.encode(call_text, add_special_tokens=False) + [tokenizer.eos_token_id]
 
     def __call__(self, prefixes, max_new_tokens, need_entropy=None):
-        from arpo_trl.rollout.engine import Segment
+        from arpo_trl.rollout.round_driver import Segment
 
         scripted = ["<tool_response>" not in self.tok.decode(p) for p in prefixes]
         need_entropy = need_entropy or [True] * len(prefixes)

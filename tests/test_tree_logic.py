@@ -12,12 +12,12 @@
 import math
 
 import pytest
-from test_async_engine import ScriptedGenerator, scripted_segment
+from test_stream_driver import ScriptedGenerator, scripted_segment
 
 from arpo_trl.rollout.branching import BranchPolicy, rollout_seed
-from arpo_trl.rollout.engine import RolloutSettings, Segment, TreeRollout
 from arpo_trl.rollout.entropy import window_entropy
 from arpo_trl.rollout.protocols import TagProtocol
+from arpo_trl.rollout.round_driver import RolloutSettings, RoundDriver, Segment
 from arpo_trl.testing import calc
 from arpo_trl.tools import ToolExecutor
 
@@ -27,7 +27,7 @@ K = 4
 def rollout(tok, generator=None, calls=2, m=4, n=2, alpha=1.0, beta=0.0, prompt=None, executor=None, **kw):
     values = dict(group_size=m, initial_rollouts=n, entropy_window=K, entropy_normalization="mean")
     values.update(kw)
-    engine = TreeRollout(
+    engine = RoundDriver(
         RolloutSettings(**values),
         generator or ScriptedGenerator(tok, calls),
         TagProtocol(tok, ["calc"]),

@@ -1,4 +1,4 @@
-"""The transformers backend of the round driver (the `Generator` seam of `engine.py`).
+"""The transformers backend of the round driver (the `Generator` seam of `round_driver.py`).
 
 `TransformersGenerator` runs one batched `model.generate` per round and captures each sampled token's entropy
 with a forward hook on the LM head (`EntropyRecorder`), so no extra forward pass is made. It runs on one of two
@@ -25,7 +25,7 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
 from .entropy import EntropyRecorder, output_logit_transform
-from .rollout_tree import Segment
+from .tree import Segment
 
 if TYPE_CHECKING:
     from trl import GRPOTrainer

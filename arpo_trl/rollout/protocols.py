@@ -18,8 +18,8 @@ from trl.chat_template_utils import parse_response
 
 from ..tools import ToolCall, ToolResult, format_result, parse_tag_call, stop_strings
 from .plain_text import encode_plain, tool_suffix_ids
-from .rollout_tree import Segment
-from .tree import Trajectory
+from .trajectory import Trajectory
+from .tree import Segment
 
 if TYPE_CHECKING:
     from trl import GRPOTrainer

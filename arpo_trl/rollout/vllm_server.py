@@ -3,7 +3,7 @@
 The server is vLLM's own OpenAI-compatible one (``vllm serve``, which ``trl vllm-serve`` runs), on other GPUs or on
 this host. Each segment of a trajectory is one streamed ``POST /v1/completions``: a token-id prompt, the sampled
 tokens' ids and logprobs, and the top-10 logprobs keyed by token id when the window is measured. So
-`async_engine.AsyncTreeRollout` drives it exactly as it drives the colocated `vllm_engine.VLLMEngine`, and the
+`stream_driver.StreamDriver` drives it exactly as it drives the colocated `vllm_engine.VLLMEngine`, and the
 server's prefix cache serves the forks' shared prefixes.
 
 What differs from colocate:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..rollout.tree import Trajectory
+from ..rollout.trajectory import Trajectory
 from .trees import GroupTree, Leaf, TreeNode, build_trees
 
 NODE_W, NODE_H, LEAF_W, LEAF_H = 236, 100, 200, 72

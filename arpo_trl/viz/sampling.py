@@ -3,10 +3,10 @@
 The rollout is ARPO's own, on the rollout's own backends, so tool calls, results, limits and masking are exactly
 those of training:
 
-- `TransformersBackend`: the round driver (`TreeRollout`) over `TransformersGenerator.for_model`, the trainer's
+- `TransformersBackend`: the round driver (`RoundDriver`) over `TransformersGenerator.for_model`, the trainer's
   generator run on a plain model; each token's entropy H = −Σ_j p_j log p_j, p = softmax(z / T), is read by the
   LM-head hook during ``generate`` (no extra forward pass);
-- `VLLMBackend`: the asynchronous driver (`AsyncTreeRollout`) over a `VLLMEngine`, with ``measure_every_token``:
+- `VLLMBackend`: the asynchronous driver (`StreamDriver`) over a `VLLMEngine`, with ``measure_every_token``:
   the engine's logits processor computes the exact entropy of every sampled token, not only ARPO's windows.
 
 Either way the entropies come back in `Trajectory.token_entropies` (NaN on tool-result tokens; a branch carries
@@ -25,10 +25,10 @@ from typing import Any, Protocol
 import torch
 
 from ..rollout.branching import BranchPolicy
-from ..rollout.engine import RolloutSettings, RolloutStats, TreeRollout
 from ..rollout.generation import TransformersGenerator
 from ..rollout.protocols import TagProtocol
-from ..rollout.tree import Trajectory
+from ..rollout.round_driver import RolloutSettings, RolloutStats, RoundDriver
+from ..rollout.trajectory import Trajectory
 from ..tools import ToolExecutor
 
 BACKENDS = ("transformers", "vllm")
@@ -86,7 +86,7 @@ class TransformersBackend:
         was_training = self.model.training
         self.model.eval()
         try:
-            rollout = TreeRollout(settings, generator, protocol, executor, policy, self.vocab_size,
+            rollout = RoundDriver(settings, generator, protocol, executor, policy, self.vocab_size,
                                   self.tokenizer.eos_token_id)  # fmt: skip
             return rollout.run(rows)
         finally:
@@ -150,11 +150,11 @@ class VLLMBackend:
         rows: list[list[int]],
         seed: int | None,
     ) -> tuple[list[Trajectory], RolloutStats]:
-        from ..rollout.async_engine import AsyncTreeRollout
+        from ..rollout.stream_driver import StreamDriver
 
         if settings.max_model_len is None or settings.max_model_len > self.max_model_len:
             settings.max_model_len = self.max_model_len  # the engine refuses anything longer
-        rollout = AsyncTreeRollout(settings, self.engine, protocol, executor, policy, self.vocab_size,
+        rollout = StreamDriver(settings, self.engine, protocol, executor, policy, self.vocab_size,
                                    self.tokenizer.eos_token_id, stop=protocol.stop_strings,
                                    measure_every_token=True)  # fmt: skip
         return rollout.run(rows, seed=seed)

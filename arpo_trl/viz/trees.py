@@ -35,8 +35,8 @@ import torch
 
 from ..advantages import hard_attribution
 from ..rollout.entropy import window_entropy
-from ..rollout.rollout_tree import prompt_keys
-from ..rollout.tree import BranchEvent, ToolEvent, Trajectory
+from ..rollout.trajectory import BranchEvent, ToolEvent, Trajectory
+from ..rollout.tree import prompt_keys
 
 
 @dataclass

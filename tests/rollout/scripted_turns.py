@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from arpo_trl.rollout.engine import Segment
+from arpo_trl.rollout.round_driver import Segment
 
 
 class ScriptedTurns:

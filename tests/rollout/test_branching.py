@@ -8,12 +8,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from test_async_engine import ScriptedEngine, ScriptedGenerator, settings  # noqa: E402
+from test_stream_driver import ScriptedEngine, ScriptedGenerator, settings  # noqa: E402
 
-from arpo_trl.rollout.async_engine import AsyncTreeRollout  # noqa: E402
 from arpo_trl.rollout.branching import BranchPolicy  # noqa: E402
-from arpo_trl.rollout.engine import TreeRollout  # noqa: E402
 from arpo_trl.rollout.protocols import TagProtocol  # noqa: E402
+from arpo_trl.rollout.round_driver import RoundDriver  # noqa: E402
+from arpo_trl.rollout.stream_driver import StreamDriver  # noqa: E402
 from arpo_trl.testing import calc  # noqa: E402
 from arpo_trl.tools import ToolExecutor  # noqa: E402
 
@@ -24,9 +24,9 @@ def rollout(tok, driver, rate, m=8, n=1, groups=1, calls=4):
     protocol = TagProtocol(tok, ["calc"])
     args = (settings(m, n), None, protocol, ToolExecutor([calc], timeout=5), policy, len(tok), tok.eos_token_id)
     if driver == "rounds":
-        engine = TreeRollout(*(args[:1] + (ScriptedGenerator(tok, calls),) + args[2:]))
+        engine = RoundDriver(*(args[:1] + (ScriptedGenerator(tok, calls),) + args[2:]))
     else:
-        engine = AsyncTreeRollout(*(args[:1] + (ScriptedEngine(tok, calls),) + args[2:]), stop=protocol.stop_strings)
+        engine = StreamDriver(*(args[:1] + (ScriptedEngine(tok, calls),) + args[2:]), stop=protocol.stop_strings)
     trajectories, stats = engine.run([tok.encode("Add 1 and 2.")] * (m * groups))
     return trajectories, stats, policy
 

@@ -23,11 +23,11 @@ from datasets import Dataset
 
 from arpo_trl import ARPOConfig, ARPOTrainer
 from arpo_trl.advantages import hard_attribution
-from arpo_trl.rollout.async_engine import AsyncTreeRollout
 from arpo_trl.rollout.branching import BranchPolicy
-from arpo_trl.rollout.engine import RolloutSettings, Segment, TreeRollout
 from arpo_trl.rollout.protocols import TagProtocol
-from arpo_trl.rollout.rollout_tree import RolloutTree, prompt_keys
+from arpo_trl.rollout.round_driver import RolloutSettings, RoundDriver, Segment
+from arpo_trl.rollout.stream_driver import StreamDriver
+from arpo_trl.rollout.tree import RolloutTree, prompt_keys
 from arpo_trl.testing import calc, calc_dataset, chat_template_tokenizer
 from arpo_trl.tools import ToolExecutor
 from arpo_trl.viz import build_trees, tree_html
@@ -389,9 +389,9 @@ def test_each_trajectory_continues_the_prompt_it_started_from(tokenizer, driver,
     common = (protocol, ToolExecutor([calc], timeout=5), BranchPolicy(1.0, 0.0, seed=0), len(tokenizer),
               tokenizer.eos_token_id)  # fmt: skip
     if driver == "rounds":
-        trajs, stats = TreeRollout(settings, MarkedGenerator(tokenizer), *common).run(prompts)
+        trajs, stats = RoundDriver(settings, MarkedGenerator(tokenizer), *common).run(prompts)
     else:
-        rollout = AsyncTreeRollout(settings, MarkedEngine(tokenizer), *common, stop=protocol.stop_strings)
+        rollout = StreamDriver(settings, MarkedEngine(tokenizer), *common, stop=protocol.stop_strings)
         trajs, stats = rollout.run(prompts, seed=0)
     assert [t.slot for t in trajs] == list(range(8)) and stats.branches > 0
     for t in trajs:

@@ -12,13 +12,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from test_async_engine import ScriptedEngine, ScriptedGenerator, settings  # noqa: E402
+from test_stream_driver import ScriptedEngine, ScriptedGenerator, settings  # noqa: E402
 
-import arpo_trl.rollout.engine as round_driver  # noqa: E402
-from arpo_trl.rollout.async_engine import AsyncTreeRollout  # noqa: E402
+import arpo_trl.rollout.round_driver as round_driver  # noqa: E402
 from arpo_trl.rollout.branching import BranchPolicy  # noqa: E402
-from arpo_trl.rollout.engine import TreeRollout  # noqa: E402
 from arpo_trl.rollout.protocols import TagProtocol  # noqa: E402
+from arpo_trl.rollout.round_driver import RoundDriver  # noqa: E402
+from arpo_trl.rollout.stream_driver import StreamDriver  # noqa: E402
 from arpo_trl.testing import calc  # noqa: E402
 from arpo_trl.tools import ToolExecutor  # noqa: E402
 
@@ -59,7 +59,7 @@ def test_round_driver_splits_generation_tools_and_the_rest_exactly(tokenizer, mo
     tool.__name__ = "calc"
     protocol = TagProtocol(tokenizer, ["calc"])
     policy = BranchPolicy(0.0, 0.0, "bernoulli", 0.5, seed=0)
-    rollout = TreeRollout(settings(4, 4), generator, protocol, ToolExecutor([tool], timeout=5), policy,
+    rollout = RoundDriver(settings(4, 4), generator, protocol, ToolExecutor([tool], timeout=5), policy,
                           len(tokenizer), tokenizer.eos_token_id)  # fmt: skip
     _, stats = rollout.run([tokenizer.encode("Add 1 and 2.")] * 4)
     assert calls["generate"] == stats.rounds == 3  # two tool rounds, then the answers
@@ -81,7 +81,7 @@ def test_async_driver_counts_streaming_time_and_tool_time(tokenizer):
     protocol = TagProtocol(tokenizer, ["calc"])
     policy = BranchPolicy(0.0, 0.0, "bernoulli", 0.5, seed=0)
     engine = ScriptedEngine(tokenizer, 2, delay=delay)
-    rollout = AsyncTreeRollout(settings(4, 4), engine, protocol, ToolExecutor([slow_calc], timeout=5), policy,
+    rollout = StreamDriver(settings(4, 4), engine, protocol, ToolExecutor([slow_calc], timeout=5), policy,
                                len(tokenizer), tokenizer.eos_token_id, stop=protocol.stop_strings)  # fmt: skip
     started = time.perf_counter()
     trajectories, stats = rollout.run([tokenizer.encode("Add 1 and 2.")] * 4)
@@ -103,9 +103,9 @@ def test_split_starts_at_zero(tokenizer, driver):
     args = (settings(2, 2), None, protocol, ToolExecutor([calc], timeout=5), policy, len(tokenizer),
             tokenizer.eos_token_id)  # fmt: skip
     if driver == "rounds":
-        rollout = TreeRollout(*(args[:1] + (ScriptedGenerator(tokenizer, 0),) + args[2:]))
+        rollout = RoundDriver(*(args[:1] + (ScriptedGenerator(tokenizer, 0),) + args[2:]))
     else:
-        rollout = AsyncTreeRollout(*(args[:1] + (ScriptedEngine(tokenizer, 0),) + args[2:]), stop=protocol.stop_strings)
+        rollout = StreamDriver(*(args[:1] + (ScriptedEngine(tokenizer, 0),) + args[2:]), stop=protocol.stop_strings)
     _, stats = rollout.run([tokenizer.encode("Add 1 and 2.")] * 2)
     assert stats.tool_executions == 0 and stats.tool_seconds == 0.0
     assert stats.generation_seconds > 0.0 and stats.wait_seconds >= 0.0

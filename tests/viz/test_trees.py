@@ -7,7 +7,7 @@ import torch
 from viz_fixtures import hand_group
 
 from arpo_trl.rollout.entropy import window_entropy
-from arpo_trl.rollout.tree import BRANCH, DUPLICATE, FRESH, ROOT
+from arpo_trl.rollout.trajectory import BRANCH, DUPLICATE, FRESH, ROOT
 from arpo_trl.viz import build_trees, split_segments
 from arpo_trl.viz.sampling import teacher_forced_entropies
 

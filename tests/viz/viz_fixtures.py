@@ -1,6 +1,6 @@
 """Hand-made trajectories with known trees (shared by the tree and page tests)."""
 
-from arpo_trl.rollout.tree import BRANCH, DUPLICATE, FRESH, ROOT, BranchEvent, ToolEvent, Trajectory
+from arpo_trl.rollout.trajectory import BRANCH, DUPLICATE, FRESH, ROOT, BranchEvent, ToolEvent, Trajectory
 
 
 def pieces(tok, *parts):

@@ -7,10 +7,10 @@ import threading
 
 from vllm_helpers import prompt_ids
 
-from arpo_trl.rollout.async_engine import AsyncTreeRollout
 from arpo_trl.rollout.branching import BranchPolicy
-from arpo_trl.rollout.engine import RolloutSettings
 from arpo_trl.rollout.protocols import TagProtocol
+from arpo_trl.rollout.round_driver import RolloutSettings
+from arpo_trl.rollout.stream_driver import StreamDriver
 from arpo_trl.testing import calc
 from arpo_trl.tools import ToolExecutor
 
@@ -51,7 +51,7 @@ def test_a_blocked_tool_does_not_stop_the_other_trajectories(engine, tokenizer):
 
     blocking.__name__ = "calc"
     protocol = TagProtocol(tokenizer, ["calc"])
-    rollout = AsyncTreeRollout(
+    rollout = StreamDriver(
         RolloutSettings(group_size=4, initial_rollouts=4, entropy_window=4, max_completion_length=64),
         counting, protocol, ToolExecutor([blocking], timeout=90), BranchPolicy(0.0, 0.0, seed=0), len(tokenizer),
         tokenizer.eos_token_id, stop=protocol.stop_strings,
@@ -63,7 +63,7 @@ def test_a_blocked_tool_does_not_stop_the_other_trajectories(engine, tokenizer):
 
 def test_real_rollout_forks_share_prefixes_and_keep_exactly_m(engine, tokenizer):
     protocol = TagProtocol(tokenizer, ["calc"])
-    rollout = AsyncTreeRollout(
+    rollout = StreamDriver(
         RolloutSettings(group_size=4, initial_rollouts=2, entropy_window=4, max_completion_length=64),
         engine, protocol, ToolExecutor([calc], timeout=10), BranchPolicy(1.0, 0.0, seed=0), len(tokenizer),
         tokenizer.eos_token_id, stop=protocol.stop_strings,
@@ -88,7 +88,7 @@ def test_speculative_forks_on_the_real_engine_are_kept_or_aborted(engine, tokeni
     aborted in the engine (no request left behind) and the group still ends with M trajectories."""
     protocol = TagProtocol(tokenizer, ["calc"])
     for alpha in (1.0, 0.0):
-        rollout = AsyncTreeRollout(
+        rollout = StreamDriver(
             RolloutSettings(group_size=4, initial_rollouts=2, entropy_window=4, max_completion_length=64,
                             speculative_forks=True),
             engine, protocol, ToolExecutor([calc], timeout=10), BranchPolicy(alpha, 0.0, seed=0), len(tokenizer),

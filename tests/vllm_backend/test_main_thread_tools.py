@@ -9,10 +9,10 @@ import threading
 
 from vllm_helpers import prompt_ids
 
-from arpo_trl.rollout.async_engine import AsyncTreeRollout
 from arpo_trl.rollout.branching import BranchPolicy
-from arpo_trl.rollout.engine import RolloutSettings
 from arpo_trl.rollout.protocols import TagProtocol
+from arpo_trl.rollout.round_driver import RolloutSettings
+from arpo_trl.rollout.stream_driver import StreamDriver
 from arpo_trl.testing import calc
 from arpo_trl.tools import ToolExecutor, execution_mode
 
@@ -67,7 +67,7 @@ def test_an_alarm_bounded_tool_runs_on_the_main_thread_while_vllm_streams(engine
     alarm_calc.__name__ = "calc"
     assert execution_mode(alarm_calc) == "main_thread"
     protocol = TagProtocol(tokenizer, ["calc"])
-    rollout = AsyncTreeRollout(
+    rollout = StreamDriver(
         RolloutSettings(group_size=4, initial_rollouts=4, entropy_window=4, max_completion_length=64),
         counting, protocol, ToolExecutor([alarm_calc]), BranchPolicy(0.0, 0.0, seed=0), len(tokenizer),
         tokenizer.eos_token_id, stop=protocol.stop_strings,

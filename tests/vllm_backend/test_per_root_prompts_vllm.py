@@ -17,10 +17,10 @@ from rollout.test_per_root_prompts import (
 )
 from vllm_helpers import prompt_ids
 
-from arpo_trl.rollout.async_engine import AsyncTreeRollout
 from arpo_trl.rollout.branching import BranchPolicy
-from arpo_trl.rollout.engine import RolloutSettings
 from arpo_trl.rollout.protocols import TagProtocol
+from arpo_trl.rollout.round_driver import RolloutSettings
+from arpo_trl.rollout.stream_driver import StreamDriver
 from arpo_trl.rollout.vllm_engine import StreamUpdate
 from arpo_trl.testing import build_tiny_model, calc, widen_heads
 from arpo_trl.tools import ToolExecutor
@@ -46,7 +46,7 @@ def test_each_trajectory_streams_from_its_own_prompt_and_forks_from_the_cache(en
     prompts = [prompt_ids(tokenizer, *(rng.randint(1, 20) for _ in range(3))) for _ in range(8)]  # 8 different rows
     requests = Requests(engine)
     protocol = TagProtocol(tokenizer, ["calc"])
-    rollout = AsyncTreeRollout(
+    rollout = StreamDriver(
         RolloutSettings(group_size=4, initial_rollouts=2, entropy_window=4, max_completion_length=64),
         requests, protocol, ToolExecutor([calc], timeout=10), BranchPolicy(1.0, 0.0, seed=0), len(tokenizer),
         tokenizer.eos_token_id, stop=protocol.stop_strings,

@@ -1,6 +1,6 @@
 """The asynchronous driver of ARPO's tree rollout: one vLLM request stream per trajectory, no rounds.
 
-Same tree logic as the round driver (`rollout_tree.RolloutTree`), driven event by event on the engine's asyncio
+Same tree logic as the round driver (`tree.RolloutTree`), driven event by event on the engine's asyncio
 loop (`vllm_engine.VLLMEngine`):
 
 - Every trajectory is its own coroutine: stream a segment (a token-id prompt, the prefix so far), append it, run its
@@ -38,8 +38,8 @@ from typing import Any
 from ..tools import ToolCall, ToolExecutor
 from .branching import BranchPolicy
 from .entropy import TOP_K_CANDIDATES, truncated_entropy
-from .rollout_tree import RolloutSettings, RolloutStats, RolloutTree, Segment, ToolProtocol, TreeDriver
-from .tree import BRANCH, Trajectory
+from .trajectory import BRANCH, Trajectory
+from .tree import RolloutSettings, RolloutStats, RolloutTree, Segment, ToolProtocol, TreeDriver
 
 
 @dataclass
@@ -62,7 +62,7 @@ class _Copies:
     decided: asyncio.Future
 
 
-class AsyncTreeRollout(TreeDriver):
+class StreamDriver(TreeDriver):
     """Runs ARPO's rollout for a batch of groups on a `VLLMEngine`; see the module docstring."""
 
     _batches = itertools.count()
@@ -96,7 +96,7 @@ class AsyncTreeRollout(TreeDriver):
     ) -> tuple[list[Trajectory], RolloutStats]:
         """Roll out `prompt_ids` (len B = groups × M, groups contiguous); return B finished trajectories in slot
         order and the statistics (blocks the calling thread while the engine's loop runs the rollout). As in
-        `engine.TreeRollout.run`, a root or fresh rollout in slot i starts from `prompt_ids[i]` and `environments[i]`
+        `engine.RoundDriver.run`, a root or fresh rollout in slot i starts from `prompt_ids[i]` and `environments[i]`
         (the rows of a group may differ); a branch continues its parent's prompt and environment copy.
 
         `seed`: each request samples from its own stream, seeded by (seed, slot, position), so a segment's tokens do

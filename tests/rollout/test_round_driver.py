@@ -4,11 +4,11 @@ import random
 import threading
 
 import pytest
-from test_async_engine import assert_forks_share_their_parents_prefix
+from test_stream_driver import assert_forks_share_their_parents_prefix
 
 from arpo_trl.rollout.branching import BranchPolicy
-from arpo_trl.rollout.engine import RolloutSettings, Segment, TreeRollout
 from arpo_trl.rollout.protocols import TagProtocol
+from arpo_trl.rollout.round_driver import RolloutSettings, RoundDriver, Segment
 from arpo_trl.testing import calc
 from arpo_trl.tools import ToolExecutor
 
@@ -70,7 +70,7 @@ def rollout(
         max_completion_length=max_len,
         **kw,
     )
-    engine = TreeRollout(
+    engine = RoundDriver(
         settings,
         generator or ScriptedGenerator(tokenizer, calls),
         TagProtocol(tokenizer, [t.__name__ for t in tools]),

@@ -1,6 +1,6 @@
 """The round driver of ARPO's tree rollout: synchronous rounds over a batched `Generator` (transformers `generate`).
 
-The tree logic (which trajectories start, decisions, budgets, fills, statistics) lives in `rollout_tree.RolloutTree`;
+The tree logic (which trajectories start, decisions, budgets, fills, statistics) lives in `tree.RolloutTree`;
 this driver feeds it round by round. One *round* is one batched call of the generator over every trajectory that
 needs tokens, then one concurrent execution of every tool call those segments asked for. A fork starts in the
 round after its decision, batched with everything else.
@@ -28,7 +28,8 @@ from typing import Any, Protocol
 
 from ..tools import ToolCall, ToolExecutor
 from .branching import BranchPolicy
-from .rollout_tree import (
+from .trajectory import Trajectory
+from .tree import (
     BRANCH,
     DUPLICATE,
     FRESH,
@@ -40,7 +41,6 @@ from .rollout_tree import (
     ToolProtocol,
     TreeDriver,
 )
-from .tree import Trajectory
 
 
 class Generator(Protocol):
@@ -61,7 +61,7 @@ def _no_sync(local_active: bool) -> bool:
     return local_active
 
 
-class TreeRollout(TreeDriver):
+class RoundDriver(TreeDriver):
     """Runs ARPO's rollout for a batch of groups in synchronous rounds; see the module docstring."""
 
     def __init__(
@@ -159,5 +159,5 @@ __all__ = [
     "RolloutStats",
     "Segment",
     "ToolProtocol",
-    "TreeRollout",
+    "RoundDriver",
 ]

@@ -15,11 +15,11 @@ import zlib
 
 import pytest
 
-from arpo_trl.rollout.async_engine import AsyncTreeRollout
 from arpo_trl.rollout.branching import BranchPolicy
-from arpo_trl.rollout.engine import RolloutSettings, Segment, TreeRollout
 from arpo_trl.rollout.entropy import truncated_entropy
 from arpo_trl.rollout.protocols import TagProtocol
+from arpo_trl.rollout.round_driver import RolloutSettings, RoundDriver, Segment
+from arpo_trl.rollout.stream_driver import StreamDriver
 from arpo_trl.rollout.vllm_engine import StreamUpdate
 from arpo_trl.testing import calc
 from arpo_trl.tools import ToolExecutor
@@ -104,11 +104,9 @@ def both(tok, m=4, n=2, calls=2, alpha=0.0, beta=0.0, rule="bernoulli", tau=0.5,
         policy = BranchPolicy(alpha, beta, rule, tau, seed=0)
         args = (settings(m, n, **kw), None, protocol, executor, policy, len(tok), tok.eos_token_id)
         if driver == "rounds":
-            rollout = TreeRollout(*(args[:1] + (ScriptedGenerator(tok, calls),) + args[2:]))
+            rollout = RoundDriver(*(args[:1] + (ScriptedGenerator(tok, calls),) + args[2:]))
         else:
-            rollout = AsyncTreeRollout(
-                *(args[:1] + (ScriptedEngine(tok, calls),) + args[2:]), stop=protocol.stop_strings
-            )
+            rollout = StreamDriver(*(args[:1] + (ScriptedEngine(tok, calls),) + args[2:]), stop=protocol.stop_strings)
         out.append(rollout.run([prompt] * (m * groups)))
     return out
 
@@ -194,7 +192,7 @@ def test_fork_starts_as_soon_as_k_tokens_after_the_result_have_streamed(tokenize
     """The decision does not wait for the parent's segment to end: the fork's request starts before it."""
     engine = ScriptedEngine(tokenizer, calls=1, delay=0.01)
     protocol = TagProtocol(tokenizer, ["calc"])
-    rollout = AsyncTreeRollout(
+    rollout = StreamDriver(
         settings(2, 1), engine, protocol, ToolExecutor([calc], timeout=5), BranchPolicy(1.0, 0.0, seed=0),
         len(tokenizer), tokenizer.eos_token_id, stop=protocol.stop_strings,
     )  # fmt: skip
@@ -236,7 +234,7 @@ class CopyWatcher(ScriptedEngine):
 
 def speculative_rollout(tok, engine, m, n, z=1, alpha=1.0, beta=0.0, **kw):
     protocol = TagProtocol(tok, ["calc"])
-    rollout = AsyncTreeRollout(
+    rollout = StreamDriver(
         settings(m, n, branch_factor=z, speculative_forks=True, **kw), engine, protocol,
         ToolExecutor([calc], timeout=5), BranchPolicy(alpha, beta, seed=0), len(tok), tok.eos_token_id,
         stop=protocol.stop_strings,
@@ -285,7 +283,7 @@ def test_a_speculative_copy_never_measures_nor_freezes_an_initial_entropy(tokeni
     measure a window (nor freeze one under its placeholder slot), however many copies the decision has."""
     engine, frozen = CopyWatcher(tokenizer, calls=1), {}
     protocol = TagProtocol(tokenizer, ["calc"])
-    rollout = AsyncTreeRollout(
+    rollout = StreamDriver(
         settings(m, 1, branch_factor=z, speculative_forks=True, initial_entropy="frozen_per_slot"), engine, protocol,
         ToolExecutor([calc], timeout=5), BranchPolicy(1.0, 0.0, seed=0), len(tokenizer), tokenizer.eos_token_id,
         stop=protocol.stop_strings, frozen_initial=frozen,
@@ -363,7 +361,7 @@ def test_a_slow_tool_does_not_stall_other_trajectories(tokenizer):
 
     engine = Recording(tokenizer, calls=2, delay=0.001)
     protocol = TagProtocol(tokenizer, ["calc"])
-    rollout = AsyncTreeRollout(
+    rollout = StreamDriver(
         settings(4, 4), engine, protocol, ToolExecutor([slow], timeout=30), BranchPolicy(0.0, 0.0, seed=0),
         len(tokenizer), tokenizer.eos_token_id, stop=protocol.stop_strings,
     )  # fmt: skip
@@ -378,7 +376,7 @@ def test_top_k_estimator_reads_the_streamed_logprobs(tokenizer):
     )
     engine = ScriptedEngine(tokenizer, calls=1)
     protocol = TagProtocol(tokenizer, ["calc"])
-    rollout = AsyncTreeRollout(
+    rollout = StreamDriver(
         settings(2, 1), engine, protocol, ToolExecutor([calc], timeout=5), BranchPolicy(1.0, 0.0, seed=0),
         len(tokenizer), tokenizer.eos_token_id, stop=protocol.stop_strings, entropy_estimator="top_k",
     )  # fmt: skip
