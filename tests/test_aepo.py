@@ -454,7 +454,7 @@ def test_aepo_recipes_parse_to_the_released_scripts(recipe, tmp_path, monkeypatc
 def test_two_ranks_with_aepo_on_and_different_trees_finish(tmp_path, tool_model_state):
     """AEPO's collectives (the budget probe's rounds, the kept-gradient share, the sign-flip share, the penalty counts)
     are made by every rank, whatever its tree: rank 0 forks at every decision (up to the penalty), rank 1 never."""
-    from test_distributed import launch_two_ranks
+    from fakes import launch_two_ranks
 
     # all four parts, the budget split's probe included; β_b = 0 makes m = M/2 whatever the entropies: room to fork
     overrides = {"algorithm_preset": "aepo", "aepo_budget_sensitivity": 0.0}

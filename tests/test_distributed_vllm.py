@@ -13,7 +13,7 @@ pytestmark = [
 
 @pytest.mark.parametrize("backend", ["ddp", "zero3"])
 def test_two_ranks_with_vllm_engines_and_different_trees(backend, tmp_path, tool_model_state):
-    from test_distributed import launch_two_ranks
+    from fakes import launch_two_ranks
 
     reports = launch_two_ranks(backend, tmp_path, timeout=900, overrides={"use_vllm": True})
     assert [r["world"] for r in reports] == [2, 2]

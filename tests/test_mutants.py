@@ -10,7 +10,7 @@ import zlib
 
 import pytest
 import torch
-from test_stream_driver import ScriptedEngine, scripted_segment, settings
+from fakes import CountingGenerator, ScriptedEngine, rollout, scripted_segment, settings
 from transformers import PythonBackend
 
 from arpo_trl.advantages import hard_attribution
@@ -652,14 +652,12 @@ def test_threshold_rule_defaults_to_one_half_and_unknown_rules_are_named():
 
 
 def _round_driver(tok, m, n, alpha=0.0, toolset=None, generator=None, z=1, **kw):
-    from test_round_driver import ScriptedGenerator
-
     from arpo_trl.rollout.round_driver import RoundDriver
 
     s = RolloutSettings(group_size=m, initial_rollouts=n, branch_factor=z, entropy_window=4, max_completion_length=200,
                         **kw)  # fmt: skip
     return RoundDriver(
-        s, generator or ScriptedGenerator(tok, calls=2), TagProtocol(tok, ["calc"]),
+        s, generator or CountingGenerator(tok, calls=2), TagProtocol(tok, ["calc"]),
         ToolExecutor([calc], timeout=5), BranchPolicy(alpha, 0.0, seed=0), len(tok), tok.eos_token_id,
         toolset=toolset,
     )  # fmt: skip
@@ -688,9 +686,7 @@ def test_the_round_driver_runs_each_trajectorys_calls_on_its_own_environment(tok
 def test_speculative_forks_are_sampled_without_measuring_their_entropy(tokenizer, m, z):
     """A speculative copy's window is never read (it is its parent's next segment, decided on the parent's):
     its row asks the generator for no entropy, however many copies the decision has."""
-    from test_round_driver import ScriptedGenerator
-
-    gen = ScriptedGenerator(tokenizer, calls=2)
+    gen = CountingGenerator(tokenizer, calls=2)
     _round_driver(tokenizer, m=m, n=1, alpha=1.0, generator=gen, z=z, speculative_forks=True).run(
         [tokenizer.encode("Add 1 and 2.")] * m
     )
@@ -701,11 +697,9 @@ def test_speculative_forks_are_sampled_without_measuring_their_entropy(tokenizer
 def test_groups_do_not_slow_each_other_down(tokenizer):
     """Identical groups take as many rounds together as one alone, also when a branch evicts a speculative fresh
     rollout of the first group while the second group's rows wait later in the same round."""
-    from test_round_driver import ScriptedGenerator, rollout
-
     rounds = []
     for groups in (1, 2):
-        gen = ScriptedGenerator(tokenizer, calls=2)
+        gen = CountingGenerator(tokenizer, calls=2)
         _, stats = rollout(tokenizer, m=8, n=2, alpha=1.0, fill="speculative", generator=gen, groups=groups)
         assert stats.discarded == groups * 6
         rounds.append(len(gen.call_log))
@@ -1061,7 +1055,7 @@ def test_tag_protocol_hands_rewards_the_turn_as_text_and_appends_results_back_to
 
 
 def _chat_protocol(with_schema=True):
-    from test_tool_output_tokens import fake_trainer
+    from fakes import fake_trainer
     from trl.chat_template_utils import add_response_schema
 
     from arpo_trl.rollout.protocols import ChatTemplateProtocol

@@ -9,7 +9,7 @@ Both drivers run the same scenarios (the scripted model of test_async_engine).
 """
 
 import pytest
-from test_stream_driver import ScriptedEngine, ScriptedGenerator
+from fakes import ScriptedEngine, ScriptedGenerator
 
 from arpo_trl import ARPOConfig
 from arpo_trl.rollout.branching import BranchPolicy

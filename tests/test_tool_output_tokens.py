@@ -14,8 +14,8 @@ import types
 
 import pytest
 import torch
+from fakes import fake_trainer
 from trl import GRPOTrainer
-from trl.chat_template_utils import get_training_chat_template, is_chat_template_prefix_preserving
 
 from arpo_trl import ARPOConfig, ARPOTrainer
 from arpo_trl.rollout.plain_text import added_token_ids, encode_plain, tool_suffix_ids
@@ -98,14 +98,6 @@ def standin(family: str):
 @pytest.fixture(scope="module", params=["smollm2", "qwen2.5", "qwen3", "llama3"])
 def tok(request):
     return chat_template_tokenizer() if request.param == "smollm2" else standin(request.param)
-
-
-def fake_trainer(tok):
-    """What `tool_suffix_ids` and TRL's `_get_tool_suffix_ids` read from a GRPOTrainer, as TRL sets it up."""
-    template = None if is_chat_template_prefix_preserving(tok) else get_training_chat_template(tok)
-    return types.SimpleNamespace(
-        processing_class=tok, _tokenizer=tok, chat_template=template, chat_template_kwargs={}, _is_vlm=False
-    )
 
 
 def hostile_strings(tok) -> list[str]:

@@ -12,7 +12,7 @@
 import math
 
 import pytest
-from test_stream_driver import ScriptedGenerator, scripted_segment
+from fakes import ScriptedGenerator, scripted_segment
 
 from arpo_trl.rollout.branching import BranchPolicy, rollout_seed
 from arpo_trl.rollout.entropy import window_entropy

@@ -1,21 +1,15 @@
 """AEPO's consecutive-branch penalty inside the real tree, on both drivers (the scripted model of
 tests/test_async_engine.py stands in for the generator and for vLLM)."""
 
-import sys
-from pathlib import Path
-
 import pytest
+from fakes import ScriptedEngine, ScriptedGenerator, settings
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-
-from test_stream_driver import ScriptedEngine, ScriptedGenerator, settings  # noqa: E402
-
-from arpo_trl.rollout.branching import BranchPolicy  # noqa: E402
-from arpo_trl.rollout.protocols import TagProtocol  # noqa: E402
-from arpo_trl.rollout.round_driver import RoundDriver  # noqa: E402
-from arpo_trl.rollout.stream_driver import StreamDriver  # noqa: E402
-from arpo_trl.testing import calc  # noqa: E402
-from arpo_trl.tools import ToolExecutor  # noqa: E402
+from arpo_trl.rollout.branching import BranchPolicy
+from arpo_trl.rollout.protocols import TagProtocol
+from arpo_trl.rollout.round_driver import RoundDriver
+from arpo_trl.rollout.stream_driver import StreamDriver
+from arpo_trl.testing import calc
+from arpo_trl.tools import ToolExecutor
 
 
 def rollout(tok, driver, rate, m=8, n=1, groups=1, calls=4):

@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
-from scripted_turns import ScriptedTurns, tool_call
+from fakes import ScriptedTurns, tool_call
 
 from arpo_trl import ARPOConfig, ARPOTrainer
 from arpo_trl.rollout.environments import check_forkable, fork_environment, live_connections

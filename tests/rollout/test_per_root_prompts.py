@@ -12,233 +12,29 @@ and the environment its tool acted on belong together.
 """
 
 import asyncio
-import copy
 import html
-import random
 import re
 
 import pytest
 import torch
 from datasets import Dataset
+from fakes import (
+    GuessEnv,
+    M,
+    N,
+    assert_rows_are_what_their_completions_came_from,
+    train_guessing,
+)
 
-from arpo_trl import ARPOConfig, ARPOTrainer
 from arpo_trl.advantages import hard_attribution
 from arpo_trl.rollout.branching import BranchPolicy
 from arpo_trl.rollout.protocols import TagProtocol
 from arpo_trl.rollout.round_driver import RolloutSettings, RoundDriver, Segment
 from arpo_trl.rollout.stream_driver import StreamDriver
 from arpo_trl.rollout.tree import RolloutTree, prompt_keys
-from arpo_trl.testing import calc, calc_dataset, chat_template_tokenizer
+from arpo_trl.testing import calc
 from arpo_trl.tools import ToolExecutor
 from arpo_trl.viz import build_trees, tree_html
-
-M, N = 4, 2
-
-
-class GuessEnv:
-    """A stateful game in TRL's environment format: `reset` draws a random secret (seeded) and returns it as the
-    observation; `guess` acts on the state; `get_reward` reads it."""
-
-    rng = random.Random(0)
-    rewarded: list["GuessEnv"] = []  # every instance `get_reward` was called on, in order
-
-    def reset(self, **kwargs) -> str:
-        self.secret = GuessEnv.rng.randint(100, 999)
-        self.guesses: list[int] = []
-        return f" Secret: {self.secret}."
-
-    def guess(self, n: int) -> str:
-        """
-        Guess the secret number.
-
-        Args:
-            n: the guess.
-
-        Returns:
-            correct, higher or lower.
-        """
-        self.guesses.append(n)
-        return "correct" if n == self.secret else "higher" if n < self.secret else "lower"
-
-    def get_reward(self) -> float:
-        GuessEnv.rewarded.append(self)
-        return self.guesses.count(self.secret) + 0.01 * len(self.guesses)
-
-
-class Recorder:
-    """A reward function keeping what TRL gave it."""
-
-    __name__ = "recorder"
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, prompts, completions, environments=None, **kwargs):
-        rewards = [float(sum(map(ord, str(c))) % 5) for c in completions]  # differs within a group
-        # TRL resets the same pooled instances for the next batch: their state is read now.
-        states = [(e.secret, list(e.guesses)) for e in environments]
-        self.calls.append({"prompts": copy.deepcopy(prompts), "environments": environments, "states": states,
-                           "rewards": rewards})  # fmt: skip
-        return rewards
-
-
-def tool_call_text(name, **arguments):
-    import json
-
-    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}) + "\n</tool_call>"
-
-
-class PromptScript:
-    """Constrained decoding of every assistant turn, as a function of the whole prefix (prompt included): turn 0 and
-    turn 1 guess the secret shown in the prompt, turn 2 a number of its own (so forks diverge), turn 3 ends. Scripted
-    tokens have entropy 0 (ΔH = 0; α = 1 forks at every decision while slots remain)."""
-
-    def __init__(self, inner, tokenizer, fixed_first_guess=None, final="Done."):
-        self.inner, self.tok, self.count, self.fixed, self.final = inner, tokenizer, 0, fixed_first_guess, final
-
-    def text(self, prefix: list[int]) -> str | None:
-        """The turn's text; None: the model samples it (`final=None`, the last turn)."""
-        decoded = self.tok.decode(prefix)
-        secret = int(re.findall(r"Secret: (\d+)\.", decoded)[0])  # the prompt's (a completion never shows one)
-        turn = decoded.count("<tool_response>")
-        self.count += 1
-        if turn == 0:
-            return tool_call_text("guess", n=self.fixed if self.fixed is not None else secret)
-        if turn == 1:
-            return tool_call_text("guess", n=secret)
-        if turn == 2:
-            return tool_call_text("guess", n=1000 + self.count)
-        return self.final
-
-    def __call__(self, prefixes, max_new_tokens, need_entropy=None):
-        out = []
-        for prefix, budget in zip(prefixes, max_new_tokens):
-            ids = self.tok.encode(self.text(prefix), add_special_tokens=False) + [self.tok.eos_token_id]
-            out.append(Segment(ids[:budget], [0.0] * min(len(ids), budget), "eos" if len(ids) <= budget else "length"))
-        return out
-
-
-class Recording(ARPOTrainer):
-    """Keeps, per batch, what TRL passed to `_generate` (its prompts list and the freshly reset environments), what
-    `_generate` returned, and TRL's output."""
-
-    def _generate(self, prompts):
-        before = {
-            "prompts_list": prompts,  # TRL's own list: its reward functions read it after `_generate`
-            "prompts": copy.deepcopy(prompts),
-            "reset_envs": list(self.environments),
-            "reset_secrets": [e.secret for e in self.environments],
-            "reset_ids": self._tokenize_prompts(copy.deepcopy(prompts))[0],
-        }
-        result = super()._generate(prompts)
-        self.batches = getattr(self, "batches", []) + [{**before, "result": result, "rollout": self.last_rollout}]
-        return result
-
-    def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
-        self.batches[-1]["out"] = out
-        return out
-
-    def _maybe_log_rollout_trees(self, advantages):
-        self.batches[-1]["sequence_advantages"] = advantages.clone()  # (B,), before hard attribution
-        return super()._maybe_log_rollout_trees(advantages)
-
-
-def env_args(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        num_generations=M,
-        initial_rollouts=N,
-        max_completion_length=256,
-        max_tool_calling_iterations=3,
-        max_steps=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        seed=0,
-        tool_format="chat_template",
-        branch_base_probability=1.0,  # α = 1, β = 0: every decision forks while the group has a free slot
-        branch_entropy_weight=0.0,
-    )
-    values.update(overrides)
-    return ARPOConfig(**values)
-
-
-def train_guessing(
-    model, tmp_path, environment_factory=GuessEnv, dataset=None, fixed_first_guess=None, script=None, **overrides
-):
-    """Train `max_steps` steps on the guessing game. `script(trainer, tokenizer)` installs the scripted turns (default:
-    around the transformers generator)."""
-    GuessEnv.rng, GuessEnv.rewarded = random.Random(0), []
-    recorder = Recorder()
-    tok = chat_template_tokenizer()
-    trainer = Recording(
-        model=model,
-        reward_funcs=[recorder],
-        args=env_args(tmp_path, **overrides),
-        train_dataset=calc_dataset(8) if dataset is None else dataset or None,
-        processing_class=tok,
-        environment_factory=environment_factory,
-    )
-    if script is None:
-        trainer.generator = PromptScript(trainer.generator, tok, fixed_first_guess)
-    else:
-        script(trainer, tok)
-    trainer.train()
-    return trainer, recorder
-
-
-def tool_results(traj):
-    return [m["content"] for m in traj.messages if m["role"] == "tool"]
-
-
-def assert_rows_are_what_their_completions_came_from(trainer, recorder, steps=2, env_rewards=("GuessEnv",)):
-    """The heart of it, for every batch and row: see the module docstring."""
-    assert len(trainer.batches) == steps and len(recorder.calls) == steps
-    rewarded = iter(GuessEnv.rewarded)
-    for batch, seen in zip(trainer.batches, recorder.calls):
-        trajs, out = batch["rollout"].trajectories, batch["out"]
-        prompt_ids, *_ = batch["result"]
-        for g in range(len(trajs) // M):  # the draw really differs within each group
-            assert len({tuple(batch["reset_ids"][i]) for i in range(g * M, (g + 1) * M)}) == M
-        assert sum(t.kind == "branch" for t in trajs) == 2 * (M - N)  # forks forced into every free slot
-        for i, t in enumerate(trajs):
-            origin = i if t.kind in ("root", "fresh") else trajs[t.parent].origin
-            assert t.origin == origin and trajs[origin].kind == "root"
-            # prompt ids: returned to TRL, in its padded output, and in the last rollout's record
-            assert prompt_ids[i] == t.prompt_ids == batch["reset_ids"][origin]
-            row = out["prompt_ids"][i][out["prompt_mask"][i].bool()].tolist()
-            assert row == batch["reset_ids"][origin] and batch["rollout"].prompt_ids[i] == t.prompt_ids
-            # prompts and environments as the reward functions saw them (TRL's list, updated in place)
-            assert (
-                seen["prompts"][i] == batch["prompts"][origin] and batch["prompts_list"][i] == batch["prompts"][origin]
-            )
-            assert seen["environments"][i] is t.env
-            assert next(rewarded) is t.env  # get_reward read this row's own environment
-            secret, guesses = seen["states"][i]
-            if t.kind == "branch":
-                parent, (parent_secret, parent_guesses) = trajs[t.parent], seen["states"][t.parent]
-                assert t.prompt_ids is parent.prompt_ids  # one shared list
-                assert t.env is not parent.env and t.env is not batch["reset_envs"][i]  # a copy; its row's set aside
-                assert secret == parent_secret == batch["reset_secrets"][origin] != batch["reset_secrets"][i]
-                assert guesses[:2] == parent_guesses[:2] and guesses[2] != parent_guesses[2]  # diverged after the fork
-            else:
-                assert t.env is batch["reset_envs"][i] and secret == batch["reset_secrets"][i]
-            # the secret in its prompt is its environment's: both guesses of it were answered "correct"
-            assert f"Secret: {secret}." in batch["prompts"][origin][-1]["content"]
-            assert tool_results(t) == ["correct", "correct", "lower"] and len(guesses) == 3
-        assert len(seen["environments"]) == len(trajs)
-    assert trainer.environments == [t.env for t in trainer.batches[-1]["rollout"].trajectories]
-    assert next(rewarded, None) is None
-    logs = [e for e in trainer.state.log_history if "loss" in e]
-    assert trainer.state.global_step == steps and len(logs) == steps
-    for entry in logs:  # 2 correct guesses + 3 × 0.01 on every row (an environment absent from a step logs None)
-        means = [entry[f"rewards/{name}/mean"] for name in env_rewards if entry[f"rewards/{name}/mean"] is not None]
-        assert means and means == [pytest.approx(2.03)] * len(means)
 
 
 def test_random_reset_environment_trains_with_forks_and_consistent_reward_inputs(tool_model, tmp_path):

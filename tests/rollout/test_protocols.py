@@ -14,7 +14,7 @@ import signal
 import sqlite3
 import threading
 
-from scripted_turns import ScriptedTurns, tool_call
+from fakes import ScriptedTurns, tool_call
 
 from arpo_trl import ARPOConfig, ARPOTrainer
 from arpo_trl.testing import calc_dataset, chat_template_tokenizer

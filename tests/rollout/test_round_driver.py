@@ -1,87 +1,9 @@
 """The tree rollout without a model: a scripted generator stands in at the generation seam."""
 
-import random
 import threading
 
 import pytest
-from test_stream_driver import assert_forks_share_their_parents_prefix
-
-from arpo_trl.rollout.branching import BranchPolicy
-from arpo_trl.rollout.protocols import TagProtocol
-from arpo_trl.rollout.round_driver import RolloutSettings, RoundDriver, Segment
-from arpo_trl.testing import calc
-from arpo_trl.tools import ToolExecutor
-
-
-class ScriptedGenerator:
-    """Calls <calc>i+1</calc> until the completion holds `calls` results, then answers and ends with EOS.
-
-    The entropy of each sampled token is random but reproducible, so ΔH varies.
-    """
-
-    def __init__(self, tokenizer, calls=2, seed=0, prompt_len=None):
-        self.tok, self.calls, self.rng = tokenizer, calls, random.Random(seed)
-        self.call_log = []
-        self.need_log = []  # per call: which rows the engine asked entropies for
-
-    def __call__(self, prefixes, max_new_tokens, need_entropy=None):
-        self.call_log.append(len(prefixes))
-        self.need_log.append(list(need_entropy) if need_entropy is not None else [True] * len(prefixes))
-        out = []
-        for prefix, budget in zip(prefixes, max_new_tokens):
-            done = self.tok.decode(prefix).count("<result>")
-            if done < self.calls:
-                ids, finish = self.tok.encode(f" step<calc>{done}+1</calc>", add_special_tokens=False), "stop"
-            else:
-                ids, finish = (
-                    self.tok.encode(" The answer is \\boxed{3}.", add_special_tokens=False) + [self.tok.eos_token_id],
-                    "eos",
-                )
-            if len(ids) > budget:
-                ids, finish = ids[:budget], "length"
-            out.append(Segment(ids, [self.rng.uniform(0, 3) for _ in ids], finish))
-        return out
-
-
-def rollout(
-    tokenizer,
-    m=4,
-    n=2,
-    z=1,
-    alpha=1.0,
-    beta=0.0,
-    calls=2,
-    fill="fresh",
-    timing="after_tool",
-    max_len=200,
-    tools=(calc,),
-    generator=None,
-    any_active=None,
-    groups=2,
-    **kw,
-):
-    settings = RolloutSettings(
-        group_size=m,
-        initial_rollouts=n,
-        branch_factor=z,
-        entropy_window=4,
-        entropy_timing=timing,
-        rollout_fill=fill,
-        max_completion_length=max_len,
-        **kw,
-    )
-    engine = RoundDriver(
-        settings,
-        generator or ScriptedGenerator(tokenizer, calls),
-        TagProtocol(tokenizer, [t.__name__ for t in tools]),
-        ToolExecutor(list(tools), timeout=5),
-        BranchPolicy(alpha, beta, seed=0),
-        vocab_size=len(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        **({"any_active": any_active} if any_active else {}),
-    )
-    prompt = tokenizer.encode("Add 1 and 2.")
-    return engine.run([prompt] * (m * groups))
+from fakes import CountingGenerator, assert_forks_share_their_parents_prefix, rollout
 
 
 @pytest.mark.parametrize("m, n, z", [(4, 2, 1), (8, 4, 1), (8, 1, 3), (5, 5, 1), (6, 4, 2)])
@@ -198,7 +120,7 @@ def test_ranks_make_the_same_number_of_generate_calls_however_their_trees_branch
 
         return reduce
 
-    gens = [ScriptedGenerator(tokenizer, calls=1), ScriptedGenerator(tokenizer, calls=4)]
+    gens = [CountingGenerator(tokenizer, calls=1), CountingGenerator(tokenizer, calls=4)]
     outcome = [None, None]
 
     def work(rank):
@@ -218,7 +140,7 @@ def test_ranks_make_the_same_number_of_generate_calls_however_their_trees_branch
 
 
 def test_entropy_is_requested_only_for_rows_whose_window_is_read(tokenizer):
-    gen = ScriptedGenerator(tokenizer, calls=2)
+    gen = CountingGenerator(tokenizer, calls=2)
     rollout(tokenizer, m=4, n=2, alpha=0.0, beta=0.0, generator=gen, groups=1)
     # Round 1: the two roots (H_initial). Round 2: both await their decision at result 1. Round 3: at result 2.
     # Then the fresh rollouts, which never branch, ask for nothing.
@@ -226,7 +148,7 @@ def test_entropy_is_requested_only_for_rows_whose_window_is_read(tokenizer):
     assert all(not any(needs) for needs in gen.need_log[3:]) and len(gen.need_log) > 3
 
     # N = M (GRPO): no free slot, so no decision is ever taken and no entropy is ever needed.
-    gen = ScriptedGenerator(tokenizer, calls=2)
+    gen = CountingGenerator(tokenizer, calls=2)
     _, stats = rollout(tokenizer, m=4, n=4, alpha=1.0, beta=0.0, generator=gen, groups=1)
     assert stats.branches == 0 and not any(any(needs) for needs in gen.need_log)
 
@@ -234,7 +156,7 @@ def test_entropy_is_requested_only_for_rows_whose_window_is_read(tokenizer):
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_speculative_fill_starts_fresh_rollouts_with_the_roots_and_discards_those_branches_need(tokenizer, alpha):
     m, n, groups = 8, 2, 2
-    gen = ScriptedGenerator(tokenizer, calls=2)
+    gen = CountingGenerator(tokenizer, calls=2)
     beta = 0.3 if 0 < alpha < 1 else 0.0  # α = 0 or 1 with β = 0: never or always branch
     trajs, stats = rollout(tokenizer, m=m, n=n, alpha=alpha, beta=beta, fill="speculative", generator=gen)
     assert gen.call_log[0] == groups * m  # every slot samples from round 1 on
@@ -267,7 +189,7 @@ def test_speculative_fill_needs_fewer_rounds_than_waiting_for_the_tree(tokenizer
 def test_speculative_forks_sample_in_the_parents_round_and_keep_only_decided_forks(tokenizer, alpha):
     m, n, groups = 8, 2, 2
     beta = 0.3 if 0 < alpha < 1 else 0.0
-    gen = ScriptedGenerator(tokenizer, calls=2)
+    gen = CountingGenerator(tokenizer, calls=2)
     trajs, stats = rollout(tokenizer, m=m, n=n, alpha=alpha, beta=beta, generator=gen, speculative_forks=True)
     assert [t.slot for t in trajs] == list(range(groups * m)) and all(t.done for t in trajs)
     assert stats.branches + stats.fresh == groups * (m - n)

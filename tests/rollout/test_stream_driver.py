@@ -7,138 +7,26 @@ order of events (no branching, or decisions that do not compete for the last slo
 elsewhere the invariants must hold. The real vLLM engine is exercised in tests/vllm_backend/.
 """
 
-import asyncio
 import math
 import threading
-import time
-import zlib
 
 import pytest
+from fakes import (
+    ScriptedEngine,
+    assert_forks_share_their_parents_prefix,
+    both,
+    canonical,
+    same_slots,
+    scripted_segment,
+    settings,
+)
 
 from arpo_trl.rollout.branching import BranchPolicy
 from arpo_trl.rollout.entropy import truncated_entropy
 from arpo_trl.rollout.protocols import TagProtocol
-from arpo_trl.rollout.round_driver import RolloutSettings, RoundDriver, Segment
 from arpo_trl.rollout.stream_driver import StreamDriver
-from arpo_trl.rollout.vllm_engine import StreamUpdate
 from arpo_trl.testing import calc
 from arpo_trl.tools import ToolExecutor
-
-
-def scripted_segment(tok, prefix, budget, calls):
-    """What the scripted model samples after `prefix`: `calls` tool calls, then an answer; entropies are a
-    function of the prefix and the position (so both drivers see the same ones)."""
-    done = tok.decode(prefix).count("<result>")
-    if done < calls:
-        ids, finish = tok.encode(f" step<calc>{done}+{len(prefix) % 7}</calc>", add_special_tokens=False), "stop"
-    else:
-        ids = tok.encode(" The answer is \\boxed{3}.", add_special_tokens=False) + [tok.eos_token_id]
-        finish = "eos"
-    if len(ids) > budget:
-        ids, finish = ids[:budget], "length"
-    # Higher after each tool result (so ΔH is mostly positive), varied by the prefix (so not always).
-    seed = zlib.crc32(bytes(str(prefix), "utf8"))
-    entropies = [0.6 * done + ((seed >> (i % 24)) % 1000) / 1000.0 for i in range(len(ids))]
-    return ids, entropies, finish
-
-
-class ScriptedGenerator:
-    def __init__(self, tok, calls):
-        self.tok, self.calls = tok, calls
-
-    def __call__(self, prefixes, max_new_tokens, need_entropy=None):
-        return [Segment(*scripted_segment(self.tok, p, b, self.calls)) for p, b in zip(prefixes, max_new_tokens)]
-
-
-class ScriptedEngine:
-    """The `VLLMEngine` interface over the script: streams one token per update, `delay` seconds apart."""
-
-    def __init__(self, tok, calls, delay=0.0):
-        self.tok, self.calls, self.delay = tok, calls, delay
-        self.entropy = {}
-        self.requests = []  # (request id, prompt ids, entropy_tokens, start time)
-        self.finished_at = {}
-
-    def run(self, coro):
-        # A driver bug that leaves a coroutine waiting forever fails the test instead of hanging it (and a mutant
-        # that does so is killed, not left for a limit that counts CPU seconds).
-        return asyncio.run(asyncio.wait_for(coro, timeout=60))
-
-    async def stream(self, request_id, prompt_ids, max_tokens, stop, entropy_tokens=0, top_logprobs=0, seed=None):
-        self.requests.append((request_id, list(prompt_ids), entropy_tokens, time.monotonic()))
-        ids, entropies, finish = scripted_segment(self.tok, list(prompt_ids), max_tokens, self.calls)
-        if entropy_tokens:
-            self.entropy[request_id] = []
-        for i, token in enumerate(ids):
-            await asyncio.sleep(self.delay_for(request_id))
-            if entropy_tokens and i < entropy_tokens:
-                self.entropy[request_id].append(entropies[i])
-            last = i == len(ids) - 1
-            top = [{token: -entropies[i], token + 1: -1.0}] if top_logprobs else []
-            yield StreamUpdate([token], [-0.5], last, finish if last else None, 0, top)
-        self.finished_at[request_id] = time.monotonic()
-
-    def delay_for(self, request_id):
-        return self.delay
-
-    async def entropies(self, request_ids):
-        return {r: list(self.entropy[r]) for r in request_ids}
-
-    def forget(self, request_ids):
-        for r in request_ids:
-            self.entropy.pop(r, None)
-
-
-def settings(m, n, **kw):
-    values = dict(group_size=m, initial_rollouts=n, entropy_window=4, max_completion_length=200)
-    values.update(entropy_normalization="mean", **kw)
-    return RolloutSettings(**values)
-
-
-def both(tok, m=4, n=2, calls=2, alpha=0.0, beta=0.0, rule="bernoulli", tau=0.5, tools=(calc,), groups=2, **kw):
-    prompt = tok.encode("Add 1 and 2.")
-    out = []
-    for driver in ("rounds", "async"):
-        protocol = TagProtocol(tok, [t.__name__ for t in tools])
-        executor = ToolExecutor(list(tools), timeout=5)
-        policy = BranchPolicy(alpha, beta, rule, tau, seed=0)
-        args = (settings(m, n, **kw), None, protocol, executor, policy, len(tok), tok.eos_token_id)
-        if driver == "rounds":
-            rollout = RoundDriver(*(args[:1] + (ScriptedGenerator(tok, calls),) + args[2:]))
-        else:
-            rollout = StreamDriver(*(args[:1] + (ScriptedEngine(tok, calls),) + args[2:]), stop=protocol.stop_strings)
-        out.append(rollout.run([prompt] * (m * groups)))
-    return out
-
-
-def canonical(trajs, m):
-    """Per group, the sorted contents: what a tree is, whichever slot each trajectory landed in."""
-    groups = {}
-    for t in trajs:
-        parent = None if t.parent is None else trajs[t.parent].completion_ids[: t.fork_position]
-        groups.setdefault(t.slot // m, []).append(
-            (t.kind, tuple(t.completion_ids), tuple(t.tool_mask), t.fork_position, tuple(parent or ()), t.finish_reason)
-        )
-    return [sorted(g) for _, g in sorted(groups.items())]
-
-
-def assert_forks_share_their_parents_prefix(tok, trajs, results=None):
-    """Every branch holds its parent's tokens exactly up to its fork, which follows a tool result; with `results`,
-    it ended with EOS after that many results."""
-    by_slot = {t.slot: t for t in trajs}
-    for t in trajs:
-        if t.kind == "branch":
-            parent, cut = by_slot[t.parent], t.fork_position
-            assert t.completion_ids[:cut] == parent.completion_ids[:cut]
-            assert tok.decode(t.completion_ids[:cut]).endswith("</result>")
-            if results is not None:
-                assert t.finish_reason == "eos" and tok.decode(t.completion_ids).count("<result>") == results
-
-
-def same_slots(a, b):
-    assert [(t.slot, t.kind, t.completion_ids, t.tool_mask, t.finish_reason) for t in a] == [
-        (t.slot, t.kind, t.completion_ids, t.tool_mask, t.finish_reason) for t in b
-    ]
 
 
 @pytest.mark.parametrize("fill", ["fresh", "duplicate", "sequential"])

@@ -2,25 +2,20 @@
 the round driver against a clock that only the generator and the tool move (exact figures), the asynchronous one
 against sleeps (figures bounded below by what was slept), plus the thread guard of the trainer's process."""
 
-import sys
 import threading
 import time
 import types
-from pathlib import Path
 
 import pytest
+from fakes import ScriptedEngine, ScriptedGenerator, settings
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-
-from test_stream_driver import ScriptedEngine, ScriptedGenerator, settings  # noqa: E402
-
-import arpo_trl.rollout.round_driver as round_driver  # noqa: E402
-from arpo_trl.rollout.branching import BranchPolicy  # noqa: E402
-from arpo_trl.rollout.protocols import TagProtocol  # noqa: E402
-from arpo_trl.rollout.round_driver import RoundDriver  # noqa: E402
-from arpo_trl.rollout.stream_driver import StreamDriver  # noqa: E402
-from arpo_trl.testing import calc  # noqa: E402
-from arpo_trl.tools import ToolExecutor  # noqa: E402
+import arpo_trl.rollout.round_driver as round_driver
+from arpo_trl.rollout.branching import BranchPolicy
+from arpo_trl.rollout.protocols import TagProtocol
+from arpo_trl.rollout.round_driver import RoundDriver
+from arpo_trl.rollout.stream_driver import StreamDriver
+from arpo_trl.testing import calc
+from arpo_trl.tools import ToolExecutor
 
 GENERATE_S, TOOL_S = 1.0, 10.0
 

@@ -3,7 +3,7 @@ stop-gradient clip, entropy-aware advantage) trains with a real colocated engine
 
 import math
 
-from test_trainer_vllm import vllm_args, wide_model
+from vllm_helpers import vllm_args, wide_model
 
 from arpo_trl import AEPOTrainer
 from arpo_trl.testing import calc, calc_dataset, closeness_reward

@@ -9,12 +9,7 @@ import math
 import random
 
 import pytest
-from rollout.test_per_root_prompts import (
-    GuessEnv,
-    PromptScript,
-    assert_rows_are_what_their_completions_came_from,
-    train_guessing,
-)
+from fakes import GuessEnv, PromptScript, assert_rows_are_what_their_completions_came_from, train_guessing
 from vllm_helpers import prompt_ids
 
 from arpo_trl.rollout.branching import BranchPolicy

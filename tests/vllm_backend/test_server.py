@@ -14,8 +14,17 @@ import time
 
 import pytest
 import torch
-from test_trainer_vllm import M, N, Recording, vllm_args, wide_model
-from vllm_helpers import cached_architectures, collect, prompt_ids, teacher_forced
+from vllm_helpers import (
+    M,
+    N,
+    Recording,
+    cached_architectures,
+    collect,
+    prompt_ids,
+    teacher_forced,
+    vllm_args,
+    wide_model,
+)
 
 from arpo_trl.rollout.entropy import truncated_entropy
 from arpo_trl.rollout.vllm_server import VLLMServerEngine, server_command

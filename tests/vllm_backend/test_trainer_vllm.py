@@ -9,55 +9,10 @@ import math
 
 import pytest
 import torch
-from vllm_helpers import collect, prompt_ids, teacher_forced, widen_heads
+from vllm_helpers import M, N, Recording, collect, prompt_ids, teacher_forced, vllm_args, wide_model
 
-from arpo_trl import ARPOConfig, ARPOTrainer
-from arpo_trl.testing import build_tiny_model, calc_dataset, closeness_reward
+from arpo_trl.testing import calc_dataset, closeness_reward
 from arpo_trl.tools import PythonInterpreter
-
-M, N = 4, 2
-
-
-def vllm_args(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        num_generations=M,
-        initial_rollouts=N,
-        max_completion_length=64,
-        max_tool_calling_iterations=3,
-        max_steps=2,
-        learning_rate=1e-2,  # large: stale engine weights would show in the importance-sampling ratio
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=1,
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        seed=0,
-        branch_base_probability=1.0,  # α = 1, β = 0: every decision forks while slots remain
-        branch_entropy_weight=0.0,
-        entropy_window=4,
-        tool_timeout=10,
-        use_vllm=True,
-        vllm_mode="colocate",
-        vllm_kv_cache_gib=0.25,
-    )
-    values.update(overrides)
-    return ARPOConfig(**values)
-
-
-class Recording(ARPOTrainer):
-    def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
-        self.batches = getattr(self, "batches", []) + [{"rollout": self.last_rollout, "out": out}]
-        return out
-
-
-def wide_model(tokenizer, tool_model_state):
-    model = build_tiny_model(tokenizer)
-    model.load_state_dict(tool_model_state)
-    return widen_heads(model).train()
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,15 @@
-"""Helpers of the vLLM tests: prompts, streams, teacher forcing and the environment of a fresh machine (the head-size
-re-layout, `widen_heads`, is in `arpo_trl.testing`; re-exported here for the modules that import it from this
-one)."""
+"""Helpers of the vLLM tests: prompts, streams, teacher forcing, the environment of a fresh machine, and the colocated
+trainer's arguments, recording trainer and head-size-32 model (`vllm_args`, `Recording`, `wide_model`; the head-size
+re-layout, `widen_heads`, is in `arpo_trl.testing`)."""
 
 import os
 from pathlib import Path
 
 import torch
 
+from arpo_trl import ARPOConfig, ARPOTrainer
 from arpo_trl.rollout.entropy import token_entropy
-from arpo_trl.testing import calc_prompt
-from arpo_trl.testing import widen_heads as widen_heads  # re-exported: test_trainer_vllm.py imports it from here
+from arpo_trl.testing import build_tiny_model, calc_prompt, widen_heads
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -80,3 +80,50 @@ def fresh_env(root: Path) -> dict[str, str]:
 def cached_architectures(cache_root: Path) -> list[str]:
     """The architectures vLLM described in its cache under `cache_root` (once it has inspected a model class)."""
     return sorted(p.stem.rsplit("-", 1)[1] for p in (cache_root / "modelinfos").glob("*.json"))
+
+
+# ------------------------------------ the colocated trainer (test_trainer_vllm.py, test_aepo_vllm.py, test_server.py)
+
+M, N = 4, 2
+
+
+def vllm_args(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_generations=M,
+        initial_rollouts=N,
+        max_completion_length=64,
+        max_tool_calling_iterations=3,
+        max_steps=2,
+        learning_rate=1e-2,  # large: stale engine weights would show in the importance-sampling ratio
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        seed=0,
+        branch_base_probability=1.0,  # α = 1, β = 0: every decision forks while slots remain
+        branch_entropy_weight=0.0,
+        entropy_window=4,
+        tool_timeout=10,
+        use_vllm=True,
+        vllm_mode="colocate",
+        vllm_kv_cache_gib=0.25,
+    )
+    values.update(overrides)
+    return ARPOConfig(**values)
+
+
+class Recording(ARPOTrainer):
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        self.batches = getattr(self, "batches", []) + [{"rollout": self.last_rollout, "out": out}]
+        return out
+
+
+def wide_model(tokenizer, tool_model_state):
+    model = build_tiny_model(tokenizer)
+    model.load_state_dict(tool_model_state)
+    return widen_heads(model).train()
