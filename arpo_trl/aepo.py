@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -191,3 +192,56 @@ __all__ = [
     "sigmoid",
     "standardized_entropy",
 ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trainer's side of parts 3 and 4: the loss hook (part 1's probe rollout: rollout/dynamic_budget.py)
+
+
+def balance_loss_inputs(
+    inputs: dict[str, Any],
+    logps: torch.Tensor,
+    entropies: torch.Tensor | None,
+    *,
+    args: Any,
+    epsilon_low: float,
+    epsilon_high: float,
+    sequence_level: bool,
+    share: Callable[[torch.Tensor, torch.Tensor], float],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, float]]:
+    """Parts 3 and 4 inside TRL's loss, after its forward: replaces ``inputs["advantages"]`` with Ã (B, T) when
+    `entropy_advantage_coef` is on, and with `entropy_balanced_clipping` returns the clip bounds to hand TRL
+    (tensors: the upper one's value is ε_h and its gradient AEPO's; else None, None). `share(flags, mask)` is the
+    share of valid tokens flagged over every process (a collective: every rank calls it). Also returns the metrics."""
+    mask = inputs["completion_mask"]
+    if "tool_mask" in inputs:
+        mask = mask * inputs["tool_mask"]
+    advantages = inputs["advantages"]
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    figures: dict[str, float] = {}
+    if args.entropy_advantage_coef:
+        if entropies is None:
+            raise RuntimeError("entropy_advantage_coef needs the token entropies of TRL's loss forward, got None")
+        advantages = entropy_aware_advantages(advantages, entropies, mask, args.entropy_advantage_coef)
+        inputs["advantages"] = advantages
+        # 1 + a·z < 0 turns a token's advantage around (z below −1/a): rare at a = 0.2, worth seeing.
+        flips = 1 + args.entropy_advantage_coef * standardized_entropy(entropies, mask) < 0
+        figures["aepo/advantage_sign_flip_share"] = share(flips, mask)
+    if not args.entropy_balanced_clipping:
+        return None, None, figures
+    if sequence_level:  # TRL's sequence weight: the masked mean of the token log-ratios
+        log_weight = (((logps - logps.detach()) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    else:
+        log_weight = logps
+    # torch.clamp takes two numbers or two tensors: both bounds become tensors (values unchanged).
+    high = balanced_epsilon_high(log_weight, epsilon_high)
+    low = torch.tensor(float(epsilon_low), dtype=logps.dtype, device=logps.device)
+    # Tokens above the upper clip with A > 0: zero gradient under PPO, (1 + ε_h)·A·∇log π here.
+    old = inputs.get("old_per_token_logps")
+    log_ratio = torch.zeros_like(logps) if old is None else logps.detach() - old
+    if sequence_level:
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    kept = (torch.exp(log_ratio) > 1 + epsilon_high) & (advantages > 0)
+    figures["aepo/clipped_gradient_kept_share"] = share(kept, mask)
+    return low, high, figures

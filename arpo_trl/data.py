@@ -278,3 +278,24 @@ def load_sharegpt(
         raise ValueError(f"{path}: expected a JSON list or JSONL of objects with 'conversations'")
     dataset = Dataset.from_list([{"messages": sharegpt_to_messages(r, repair_boxed)} for r in rows])
     return _subset(dataset, size, seed)
+
+
+def arithmetic(size: int, seed: int):
+    """`make demo`'s task: reasoning-gym arithmetic without division (so Python's printed value is the gold answer)."""
+    from datasets import Dataset
+
+    from .extras import require
+
+    reasoning_gym = require("reasoning_gym")
+
+    items = reasoning_gym.create_dataset(
+        "basic_arithmetic",
+        size=size,
+        seed=seed,
+        min_terms=2,
+        max_terms=3,
+        min_digits=1,
+        max_digits=2,
+        operators=("+", "-", "*"),
+    )
+    return Dataset.from_list([{"question": it["question"], "answer": str(it["answer"])} for it in items])

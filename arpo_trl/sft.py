@@ -15,8 +15,7 @@ from datasets import load_dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 from .data import load_sharegpt, sharegpt_to_messages
-from .models import resolve_model_path
-from .train import load_tokenizer, quantization_config
+from .models import load_tokenizer, quantization_config, resolve_model_path
 
 
 @dataclass

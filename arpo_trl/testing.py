@@ -70,6 +70,20 @@ def calc(expression: str) -> str:
     return str(sum(int(term) for term in re.findall(r"[+-]?\d+", text)))
 
 
+def record_rollouts(trainer) -> list:
+    """Keep every `RolloutResult` `trainer` (an `ARPOTrainer`) produces, in order, through its `on_rollout` seam:
+    returns the list it appends to (tests and benchmarks read a batch's trees from it)."""
+    results: list = []
+    previous = trainer.on_rollout
+
+    def on_rollout(mode, result):
+        previous(mode, result)
+        results.append(result)
+
+    trainer.on_rollout = on_rollout
+    return results
+
+
 def boxed_answer(text: str) -> str | None:
     """Content of the last \\boxed{...} in `text`."""
     found = re.findall(r"\\boxed\{([^{}]*)\}", text)
@@ -80,11 +94,6 @@ def _completion_text(completion) -> str:
     if isinstance(completion, list):  # conversational: list of messages
         return "".join(str(m.get("content") or "") for m in completion)
     return str(completion)
-
-
-def exact_answer_reward(completions, answer, **kwargs) -> list[float]:
-    """1 when the last boxed value equals the answer column, else 0 (TRL reward signature)."""
-    return [float(boxed_answer(_completion_text(c)) == str(a)) for c, a in zip(completions, answer)]
 
 
 def closeness_reward(completions, answer, **kwargs) -> list[float]:

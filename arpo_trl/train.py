@@ -28,7 +28,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+from trl import ModelConfig, TrlParser, get_peft_config
 
 from .config import ARPOConfig
 from .data import (
@@ -39,7 +39,7 @@ from .data import (
     prompt_dataset,
     to_conversational,
 )
-from .models import resolve_model_path
+from .models import load_tokenizer, quantization_config, resolve_model_path
 from .prompts import resolve_system_prompt
 from .rewards import get_reward_function
 from .trainer import ARPOTrainer
@@ -193,31 +193,6 @@ def model_init_kwargs(model_args: ModelConfig, training_args: ARPOConfig) -> dic
     }
     kwargs.update(training_args.model_init_kwargs or {})
     return kwargs
-
-
-def quantization_config(model_args: ModelConfig):
-    """TRL's `get_quantization_config` (4- or 8-bit bitsandbytes), failing early and clearly where it cannot load."""
-    config = get_quantization_config(model_args)
-    if config is not None:
-        import importlib.util
-
-        flag = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ImportError(f"{flag} quantizes with bitsandbytes, which is not installed: pip install bitsandbytes")
-        if not model_args.use_peft:
-            raise ValueError(f"{flag} trains a quantized model, which only works with LoRA: add --use_peft")
-    return config
-
-
-def load_tokenizer(path: str, revision: str | None = None):
-    """The model's tokenizer with its exact ids (`arpo_trl.models.load_tokenizer`), at the model's revision."""
-    from transformers import PreTrainedTokenizerFast
-
-    kwargs = {} if revision in (None, "main") else {"revision": revision}
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path, **kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def _single_split(spec: str) -> bool:

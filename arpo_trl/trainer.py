@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
-import logging
 import os
 import re
-import shutil
-import tempfile
 import textwrap
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,20 +19,21 @@ from trl.data_utils import is_conversational
 from trl.extras.profiling import profiling_context
 
 from .advantages import hard_attribution
+from .aepo import balance_loss_inputs
 from .config import AEPOConfig, ARPOConfig
+from .model_card import settings_table
+from .rollout.backends import RolloutParts, RolloutResult, build_backend
 from .rollout.branching import BranchPolicy, rollout_seed
+from .rollout.dynamic_budget import dynamic_initial_rollouts
 from .rollout.entropy import EntropyRecorder, output_logit_transform
 from .rollout.environments import NOT_TOOLS, check_forkable, environment_tools
-from .rollout.generation import TransformersGenerator
+from .rollout.metrics import log_rollout_metrics
+from .rollout.plain_text import ChatContext
 from .rollout.protocols import ChatTemplateProtocol, TagProtocol
-from .rollout.round_driver import RolloutSettings, RolloutStats, RoundDriver
-from .rollout.stream_driver import StreamDriver
 from .rollout.trajectory import Trajectory
-from .rollout.tree import prompt_keys
+from .rollout.tree import RolloutSettings, prompt_keys
 from .shared_prefix import SharedPrefixForward, groups_kept_whole
 from .tools import ToolExecutor, as_function, tools_by_name
-
-logger = logging.getLogger(__name__)
 
 _TAG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -59,16 +57,6 @@ def _has_images(dataset: Any) -> bool:
                 if isinstance(content, list) and any(isinstance(c, dict) and c.get("type") == "image" for c in content):
                     return True
     return False
-
-
-@dataclass
-class RolloutRecord:
-    """The last batch's rollout, kept for advantage attribution and for inspection (tests, visualisation)."""
-
-    mode: str
-    prompt_ids: list[list[int]]
-    trajectories: list[Trajectory]
-    stats: RolloutStats
 
 
 def _destroy_process_group_at_exit() -> None:
@@ -233,8 +221,7 @@ class ARPOTrainer(GRPOTrainer):
                 self._tokenizer, list(index), result_style=args.result_format
             )
         else:
-            self.tool_protocol = ChatTemplateProtocol(self)
-        self.generator = TransformersGenerator(self, self.tool_protocol.stop_strings, self.entropy_recorder)
+            self.tool_protocol = ChatTemplateProtocol(ChatContext.of(self))
         self.branch_policy = BranchPolicy(
             args.branch_base_probability,
             args.branch_entropy_weight,
@@ -243,78 +230,17 @@ class ARPOTrainer(GRPOTrainer):
             penalty_rate=args.branch_penalty_rate,
             rounds=not use_vllm,  # AEPO's penalty counts rounds; the asynchronous driver has none
         )
-        self.vllm_engine = self._start_vllm_engine() if use_vllm else None
-        self._last_loaded_step = -1  # weights the engine holds (-1: sync before the first rollout)
+        # The rollout's backend, built once: transformers `generate`, or ARPO's vLLM engine (colocated or server).
+        self.rollout_backend = build_backend(self, use_vllm, self.tool_protocol.stop_strings, self.entropy_recorder)
         self._frozen_initial: dict[int, float] = {}  # initial_entropy="frozen_per_slot": the official per-slot H
-        self.last_rollout: RolloutRecord | None = None
         # mode -> (global_step, rollouts at that step): seeds the branching RNG reproducibly, with evaluation
         # counted apart from training, so a run resumed at a step where evaluation ran branches as the original.
         self._rollouts_this_step: dict[str, tuple[int, int]] = {}
         self.shared_prefix = SharedPrefixForward(args.shared_prefix_max_tokens, self.accelerator)
 
-    # ------------------------------------------------------------------ vLLM
-    def _start_vllm_engine(self) -> Any:
-        """ARPO's colocated engine (`vllm_engine.VLLMEngine`), serving this process's copy of the model, or a client
-        of the vLLM server (`vllm_server.VLLMServerEngine`) with vllm_mode='server'."""
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-        from .rollout.vllm_engine import VLLMEngine
-        from .rollout.vllm_weights import autocast_mismatch, export_model
-
-        a = self.args
-        if a.vllm_mode == "server":
-            from .rollout.vllm_server import VLLMServerEngine
-
-            # Every process streams its own trajectories; only the main one pushes weights (as in GRPOTrainer).
-            device = self.accelerator.device
-            return VLLMServerEngine(
-                a.vllm_server_base_url or f"http://{a.vllm_server_host}:{a.vllm_server_port}",
-                temperature=self.temperature,
-                top_p=self.top_p,
-                top_k=self.top_k if self.top_k and self.top_k > 0 else -1,
-                min_p=self.min_p or 0.0,
-                connection_timeout=a.vllm_server_timeout,
-                weight_sync=("nccl" if device.type == "cuda" else "shared_file")
-                if self.accelerator.is_main_process
-                else "none",
-                group_port=a.vllm_group_port,
-                device=device,
-            )
-        model = self.accelerator.unwrap_model(self.model)
-        text_config = model.config.get_text_config()
-        max_model_len = getattr(text_config, "max_position_embeddings", None) or a.vllm_max_model_length
-        if a.vllm_max_model_length:
-            max_model_len = min(max_model_len, a.vllm_max_model_length)
-        self._vllm_dir = tempfile.mkdtemp(prefix="arpo-vllm-model-")
-        export_model(model, self.processing_class, self._vllm_dir, zero3=is_deepspeed_zero3_enabled())
-        on_cpu = self.accelerator.device.type == "cpu"
-        engine_kwargs: dict[str, Any] = {}
-        if not on_cpu and a.vllm_kv_cache_gib is None:
-            engine_kwargs["gpu_memory_utilization"] = a.vllm_gpu_memory_utilization
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        mismatch = autocast_mismatch(dtype, self.accelerator.mixed_precision)
-        if mismatch:
-            warnings.warn(mismatch, stacklevel=3)
-        try:
-            return VLLMEngine(
-                self._vllm_dir,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                top_k=self.top_k if self.top_k and self.top_k > 0 else -1,
-                min_p=self.min_p or 0.0,
-                max_model_len=max_model_len,
-                seed=a.seed + self.accelerator.process_index,
-                kv_cache_gib=a.vllm_kv_cache_gib if a.vllm_kv_cache_gib is not None or not on_cpu else 1.0,
-                # One engine per process: on a CPU host each takes its own core, as two unpinned engines slow each other.
-                cpu_bind=str(self.accelerator.local_process_index % (os.cpu_count() or 1))
-                if on_cpu and self.accelerator.num_processes > 1
-                else None,
-                dtype=dtype,
-                max_num_seqs=max(16, a.per_device_train_batch_size * a.steps_per_generation),
-                **engine_kwargs,
-            )
-        finally:
-            shutil.rmtree(self._vllm_dir, ignore_errors=True)  # loaded: later weights come through load_weights
+    def on_rollout(self, mode: str, result: RolloutResult) -> None:
+        """Called with each finished rollout (`mode` "train" or "eval"), before TRL scores it: a seam for
+        observers (tests, benchmarks, a subclass that logs trees elsewhere). The trainer keeps nothing of it."""
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """TRL's `train`; once it has returned, the process group is destroyed at interpreter exit if the script has
@@ -326,31 +252,10 @@ class ARPOTrainer(GRPOTrainer):
         return output
 
     def end(self) -> None:
-        """TRL's end of a run, and ARPO's vLLM engine (if any) shut down with its processes."""
-        if getattr(self, "vllm_engine", None) is not None:
-            self.vllm_engine.shutdown()
+        """TRL's end of a run, and the rollout's backend closed (ARPO's vLLM engine shut down with its processes)."""
+        if getattr(self, "rollout_backend", None) is not None:
+            self.rollout_backend.close()
         super().end()
-
-    def _sync_vllm_weights(self, mode: str) -> None:
-        """After an optimizer step: the engine gets the new weights (gathered once under ZeRO-3, LoRA merged), and
-        its prefix cache, computed with the old ones, is reset. Every rank syncs at the same steps."""
-        if self.state.global_step == self._last_loaded_step:
-            return
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-        from .rollout.vllm_weights import training_weights
-
-        start = time.perf_counter()
-        server = self.args.vllm_mode == "server"
-        with profiling_context(self, "vllm_weight_sync"):
-            model = self.accelerator.unwrap_model(self.model)
-            with training_weights(model, zero3=is_deepspeed_zero3_enabled()) as weights:
-                if not server or self.accelerator.is_main_process:
-                    self.vllm_engine.load_weights(weights.items())
-            if server:  # one server for all: no process samples before the main one has pushed the weights
-                self.accelerator.wait_for_everyone()
-        self._metrics[mode]["vllm/weight_sync_s"].append(time.perf_counter() - start)
-        self._last_loaded_step = self.state.global_step
 
     def _prepare_environments(self) -> None:
         """Environments fork with their trajectories: refuse one that cannot be copied, and keep ARPO's copy hooks
@@ -368,10 +273,10 @@ class ARPOTrainer(GRPOTrainer):
         return None if traj.env is None else environment_tools(traj.env, self.arpo_tools)
 
     # ------------------------------------------------------------------ rollout
-    def _rollout_settings(self, mode: str) -> RolloutSettings:
+    def _rollout_parts(self, mode: str) -> RolloutParts:
         a = self.args
         train = mode == "train"
-        return RolloutSettings(
+        settings = RolloutSettings(
             group_size=self.num_generations if train else 1,
             initial_rollouts=self.initial_rollouts if train else 1,
             branch_factor=a.branch_factor,
@@ -389,13 +294,15 @@ class ARPOTrainer(GRPOTrainer):
             call_limit_eos_trained=a.call_limit_eos_trained,
             empty_tool_call=a.empty_tool_call,
         )
-
-    def _any_process_active(self, local_active: bool) -> bool:
-        """Collective: True while any process still has a live trajectory (so all make the same generate calls)."""
-        if self.accelerator.num_processes == 1:
-            return local_active
-        flag = torch.tensor([int(local_active)], device=self.accelerator.device)
-        return bool(self.accelerator.gather(flag).sum().item())
+        return RolloutParts(
+            settings,
+            self.tool_protocol,
+            self.tool_executor,
+            self.branch_policy,
+            self._tokenizer.eos_token_id,
+            toolset=self._trajectory_tools if self.environments else None,
+            frozen_initial=self._frozen_initial if train else None,
+        )
 
     def _seed_branching(self, mode: str) -> int:
         step, calls = self._rollouts_this_step.get(mode, (-1, 0))
@@ -405,8 +312,9 @@ class ARPOTrainer(GRPOTrainer):
         self.branch_policy.reseed(seed)
         return seed
 
-    def _generate(self, prompts: list):
-        """ARPO's tree rollout (training) or plain tool-using sampling (evaluation); returns what TRL's does.
+    def _rollout(self, prompts: list) -> tuple[RolloutResult, tuple]:
+        """ARPO's tree rollout (training) or plain tool-using sampling (evaluation) of TRL's `prompts`: the result,
+        and what TRL's `_generate` returns.
 
         The rows of a group may start from different prompts (an environment's `reset` appends its own observation to
         each). A branch continues its parent's prompt, not its row's: row i's prompt ids, its entry of `prompts` (the
@@ -417,215 +325,69 @@ class ARPOTrainer(GRPOTrainer):
         prompt_ids, images, multimodal_fields = self._tokenize_prompts(prompts)
         if images is not None or multimodal_fields:
             raise NotImplementedError("ARPOTrainer does not support image inputs yet")
+        metrics = self._metrics[mode]
         seed = self._seed_branching(mode)
-        common = dict(
-            settings=self._rollout_settings(mode),
-            protocol=self.tool_protocol,
-            executor=self.tool_executor,
-            policy=self.branch_policy,
-            # From the config: under ZeRO-3 the LM head's weight is partitioned and its local shape is empty.
-            vocab_size=self.model.config.get_text_config().vocab_size,
-            eos_token_id=self._tokenizer.eos_token_id,
-            toolset=self._trajectory_tools if self.environments else None,
-            frozen_initial=self._frozen_initial if mode == "train" else None,
-        )
-        self._aepo_dynamic_budget(mode, prompt_ids, common)  # AEPO: N per prompt from an entropy probe
-        started = time.perf_counter()
-        if self.vllm_engine is not None:
-            self._sync_vllm_weights(mode)
-            started = time.perf_counter()
-            rollout = StreamDriver(
-                engine=self.vllm_engine,
-                stop=self.tool_protocol.stop_strings,
-                entropy_estimator=self.args.entropy_estimator,
-                **common,
+        parts = self._rollout_parts(mode)
+        with profiling_context(self, "vllm_weight_sync") if self.use_vllm else contextlib.nullcontext():
+            seconds = self.rollout_backend.sync_weights(self.model, self.state.global_step, self.accelerator)
+        if seconds is not None:
+            metrics["vllm/weight_sync_s"].append(seconds)
+        if mode == "train" and self.args.dynamic_rollouts:  # AEPO: m roots per prompt, from an entropy probe
+            probe_seed = rollout_seed(
+                self.args.seed, self.accelerator.process_index, "probe", self.state.global_step, 0
             )
-            trajectories, stats = rollout.run(prompt_ids, self.environments or None, seed=seed)
-            prompt_tokens = max(rollout.prompt_tokens, 1)
-            self._metrics[mode]["vllm/prefix_cache_hit_rate"].append(rollout.cached_tokens / prompt_tokens)
-            self._metrics[mode]["tools/seconds"].append(rollout.tool_seconds)
-            if rollout.fork_prefills:  # share of the forks' prompt tokens (their parent's prefix) read from cache
-                total, cached = (sum(x) for x in zip(*rollout.fork_prefills))
-                self._metrics[mode]["vllm/fork_prefix_cache_hit_rate"].append(cached / max(total, 1))
-            logprobs = [t.logprobs for t in trajectories]  # TRL's importance-sampling correction reads them
-        else:
-            rollout = RoundDriver(generator=self.generator, any_active=self._any_process_active, **common)
-            trajectories, stats = rollout.run(prompt_ids, self.environments or None)
-            logprobs = None
-        self._metrics[mode]["arpo/rollout_seconds"].append(time.perf_counter() - started)  # wall time, tools included
-        prompt_ids = [t.prompt_ids for t in trajectories]  # each row's own; a branch's is its parent's
+            started = time.perf_counter()
+            with profiling_context(self, "aepo_budget_probe"):
+                initial, figures = dynamic_initial_rollouts(
+                    self.rollout_backend, parts, prompt_ids, self.num_generations, self.args, probe_seed
+                )
+            parts.settings.initial_rollouts = initial
+            self._log_probe(metrics, figures, time.perf_counter() - started)
+        result = self.rollout_backend.rollout(parts, prompt_ids, self.environments or None, seed)
+        trajectories = result.trajectories
         if any(t.origin != t.slot for t in trajectories):
             trl_prompts[:] = [trl_prompts[t.origin] for t in trajectories]  # a new list is built before the slice
-        self.last_rollout = RolloutRecord(mode, prompt_ids, trajectories, stats)
         if self.environments:
             # Each completion's own environment (a branch's is its copy): what TRL hands to rewards (`environments=`,
             # `get_reward`).
             self.environments = [t.env for t in trajectories]
-
-        conversational = is_conversational({"prompt": prompts[0]})
-        completion_ids = [t.completion_ids for t in trajectories]
-        tool_mask = [t.tool_mask for t in trajectories]
-        completions = [self.tool_protocol.completion(t, conversational) for t in trajectories]
-        self._log_rollout_metrics(mode, prompt_ids, trajectories, stats)
-        self._log_aepo_rollout_metrics(mode)
-        return prompt_ids, completion_ids, tool_mask, completions, logprobs, {}, None, []
-
-    def _log_rollout_metrics(
-        self, mode: str, prompt_ids: list[list[int]], trajectories: list[Trajectory], stats: RolloutStats
-    ) -> None:
-        """TRL's completion metrics (its `_generate` logs them; we replaced it) plus ARPO's tree and tool metrics.
-
-        Every process makes the same gathers, whatever its trees looked like.
-        """
-        device = self.accelerator.device
-        metrics = self._metrics[mode]
-        # --- as trl/trainer/grpo_trainer.py:2277-2310: lengths count model tokens only (tool_mask == 1)
-        prompt_lengths = self.accelerator.gather(torch.tensor([len(p) for p in prompt_ids], device=device))
-        lengths = self.accelerator.gather(torch.tensor([sum(t.tool_mask) for t in trajectories], device=device))
-        eos_and_pad = {*self.eos_token_ids, self._tokenizer.pad_token_id}
-        truncated = self.accelerator.gather(
-            torch.tensor([t.completion_ids[-1] not in eos_and_pad for t in trajectories], device=device)
-        )
-        if mode == "train":
-            self.state.num_input_tokens_seen += (prompt_lengths.sum() + lengths.sum()).item()
+        self.state.num_input_tokens_seen += log_rollout_metrics(
+            metrics, self.accelerator, result, mode=mode, eos_and_pad={*self.eos_token_ids, self._tokenizer.pad_token_id},
+            args=self.args, has_tools=bool(self.arpo_tools or self.environments),
+            last_tool_error=self.tool_executor.last_error,
+        )  # fmt: skip
         metrics["num_tokens"] = [self.state.num_input_tokens_seen]
-        metrics["completions/mean_length"].append(lengths.float().mean().item())
-        metrics["completions/min_length"].append(lengths.float().min().item())
-        metrics["completions/max_length"].append(lengths.float().max().item())
-        metrics["completions/clipped_ratio"].append(truncated.float().mean().item())
-        terminated = lengths[~truncated] if (~truncated).any() else torch.zeros(1, device=device)
-        metrics["completions/mean_terminated_length"].append(terminated.float().mean().item())
-        metrics["completions/min_terminated_length"].append(terminated.float().min().item())
-        metrics["completions/max_terminated_length"].append(terminated.float().max().item())
+        self.on_rollout(mode, result)
+        conversational = is_conversational({"prompt": prompts[0]})
+        completions = [self.tool_protocol.completion(t, conversational) for t in trajectories]
+        generated = (
+            result.prompt_ids,
+            [t.completion_ids for t in trajectories],
+            [t.tool_mask for t in trajectories],
+            completions,
+            result.logprobs,  # TRL's importance-sampling correction reads them (vLLM)
+            {},
+            None,
+            [],
+        )
+        return result, generated
 
-        # --- ARPO: sums over all processes, then ratios
-        local = [
-            stats.groups,
-            stats.completions,
-            stats.branches,
-            stats.fresh,
-            stats.discarded,
-            stats.discarded_forks,
-            stats.duplicates,
-            stats.tool_executions,
-            sum(len(t.tool_events) for t in trajectories),  # calls seen by each completion, shared ones included
-            stats.tool_errors,
-            stats.tool_timeouts,
-            stats.call_limit_hits,
-            sum(stats.entropy_deltas),
-            len(stats.entropy_deltas),
-            sum(stats.entropy_after_tool),
-            sum(stats.branch_probabilities),
-            stats.rounds,
-        ]
-        total = self.accelerator.gather(torch.tensor([local], dtype=torch.float64, device=device)).sum(0).tolist()
-        (groups, completions, branches, fresh, discarded, discarded_forks, dups, execs, calls, errors, timeouts,
-         limit_hits, sum_dh, n_dh, sum_h_t, sum_p, rounds) = total  # fmt: skip
-        groups, completions = max(groups, 1.0), max(completions, 1.0)
-        metrics["arpo/branches_per_group"].append(branches / groups)
-        metrics["arpo/fresh_rollouts_per_group"].append(fresh / groups)
-        metrics["arpo/duplicate_rollouts_per_group"].append(dups / groups)
-        if self.args.rollout_fill == "speculative":
-            metrics["arpo/discarded_fresh_per_group"].append(discarded / groups)
-        if self.args.speculative_forks:
-            metrics["arpo/discarded_forks_per_group"].append(discarded_forks / groups)
-        metrics["arpo/branch_decisions_per_group"].append(n_dh / groups)
-        if n_dh:
-            metrics["arpo/entropy_delta_mean"].append(sum_dh / n_dh)
-            # The per-tool-step entropies the paper plots, in `entropy_normalization` units: H_t after the tool
-            # result and H_initial of the same trajectories (ΔH = H_t − H_initial).
-            metrics["arpo/entropy_after_tool_mean"].append(sum_h_t / n_dh)
-            metrics["arpo/entropy_initial_mean"].append((sum_h_t - sum_dh) / n_dh)
-            metrics["arpo/branch_probability_mean"].append(sum_p / n_dh)
-        metrics["arpo/generation_rounds"].append(rounds / self.accelerator.num_processes)
-        # Where this process's rollout time went (definitions per driver: RolloutStats).
-        metrics["rollout/generation_seconds"].append(stats.generation_seconds)
-        metrics["rollout/tool_seconds"].append(stats.tool_seconds)
-        metrics["rollout/wait_seconds"].append(stats.wait_seconds)
-        metrics["tools/calls_per_completion"].append(calls / completions)
-        metrics["tools/executions_per_completion"].append(execs / completions)
-        metrics["tools/errors"].append(errors)
-        metrics["tools/timeouts"].append(timeouts)
-        metrics["tools/call_limit_hits"].append(limit_hits)
-        if execs and errors >= execs and self.accelerator.is_main_process:  # once per rollout, not per call
-            logger.warning(
-                "every tool call of this %s rollout failed (%d of %d); the last error: %s",
-                mode, int(errors), int(execs), self.tool_executor.last_error,
-            )  # fmt: skip
-        if self.arpo_tools or self.environments:
-            # TRL's own tool metrics, same definitions: calls per completion (a call in a shared prefix counts for
-            # every completion holding it) and the share of executed calls that failed.
-            metrics["tools/call_frequency"].append(calls / completions)
-            metrics["tools/failure_frequency"].append(errors / execs if execs else 0.0)
-
-    def _log_aepo_rollout_metrics(self, mode: str) -> None:
-        """AEPO's consecutive-branch penalty: c at each decision (mean over processes, max), when the penalty is on."""
-        if not self.args.branch_penalty_rate and self.args.branch_rule != "aepo_official":
-            return
-        seen = self.branch_policy.consecutive_seen
-        local = torch.tensor([[sum(seen), len(seen)]], dtype=torch.float64, device=self.accelerator.device)
-        total, count = self.accelerator.gather(local).sum(0).tolist()
-        top = self.accelerator.gather(torch.tensor([max(seen, default=0)], device=self.accelerator.device))
-        if count:
-            self._metrics[mode]["aepo/consecutive_branches_mean"].append(total / count)
-        self._metrics[mode]["aepo/consecutive_branches_max"].append(float(top.max().item()))
-
-    def _aepo_dynamic_budget(self, mode: str, prompt_ids: list[list[int]], common: dict[str, Any]) -> None:
-        """AEPO's dynamic budget split (`dynamic_rollouts`): one tool-using probe rollout per prompt, without forks,
-        measures H_root (the window of its first segment) and H̄ (the mean window of its steps after tool results;
-        official: of all its segments); the prompt then starts m roots (`aepo.global_samples_*`) instead of N.
-        Sets `common["settings"].initial_rollouts` to the per-prompt list. Every rank probes (same collectives)."""
-        a = self.args
-        if mode != "train" or not a.dynamic_rollouts:
-            return
-        import dataclasses
-
-        from .aepo import global_samples_official, global_samples_paper, probe_entropies, segment_windows
-        from .rollout.entropy import window_entropy
-
-        m = self.num_generations
-        started = time.perf_counter()
-        settings = dataclasses.replace(
-            common["settings"], group_size=2, initial_rollouts=1, rollout_fill="duplicate", speculative_forks=False
-        )  # two rows per prompt keep one free slot, so every step's entropy is measured; the policy never forks
-        probe = {**common, "settings": settings, "policy": BranchPolicy(0.0, 0.0, seed=0), "frozen_initial": None}
-        probe_prompts = [prompt_ids[g] for g in range(0, len(prompt_ids), m) for _ in range(2)]
-        batch_prompts = getattr(self.tool_protocol, "prompt_ids", None)  # a protocol that reads each slot's prompt
-        if batch_prompts is not None:
-            self.tool_protocol.prompt_ids = probe_prompts
-        try:
-            if self.vllm_engine is not None:
-                self._sync_vllm_weights(mode)
-                rollout = StreamDriver(
-                    engine=self.vllm_engine, stop=self.tool_protocol.stop_strings,
-                    entropy_estimator=a.entropy_estimator, **probe,
-                )  # fmt: skip
-                seed = rollout_seed(a.seed, self.accelerator.process_index, "probe", self.state.global_step, 0)
-                trajectories, _ = rollout.run(probe_prompts, None, seed=seed)
-            else:
-                rollout = RoundDriver(generator=self.generator, any_active=self._any_process_active, **probe)
-                trajectories, _ = rollout.run(probe_prompts, None)
-        finally:
-            if batch_prompts is not None:
-                self.tool_protocol.prompt_ids = batch_prompts
-        formula = global_samples_official if a.dynamic_rollouts == "official" else global_samples_paper
-        k, norm, vocab = a.entropy_window, a.entropy_normalization, common["vocab_size"]
-        initial, tokens, calls = [], 0, 0
-        for root in trajectories[::2]:  # slot 2g: the probe of prompt g (2g + 1 duplicates it)
-            windows = segment_windows(root.tool_mask, root.token_entropies, lambda h: window_entropy(h, k, norm, vocab))
-            h_root, h_bar = probe_entropies(windows, official=a.dynamic_rollouts == "official")
-            initial.append(formula(m, h_root, h_bar, a.aepo_budget_sensitivity))
-            tokens += sum(root.tool_mask)
-            calls += len(root.tool_events)
-        common["settings"].initial_rollouts = initial
+    def _log_probe(self, metrics: dict[str, list[float]], figures: dict[str, float], seconds: float) -> None:
+        """AEPO's budget probe, over every process: m per prompt, the probe's sampled tokens and tool calls."""
         device = self.accelerator.device
-        local = torch.tensor([[sum(initial), len(initial), tokens, calls]], dtype=torch.float64, device=device)
-        total_n, groups, total_tokens, total_calls = self.accelerator.gather(local).sum(0).tolist()
-        metrics = self._metrics[mode]
-        metrics["aepo/global_samples_per_prompt"].append(total_n / max(groups, 1.0))
-        metrics["aepo/probe_sampled_tokens"].append(total_tokens / max(groups, 1.0))
-        metrics["aepo/probe_tool_calls"].append(total_calls / max(groups, 1.0))
-        metrics["aepo/probe_seconds"].append(time.perf_counter() - started)
+        local = torch.tensor([[figures[k] for k in ("samples", "prompts", "tokens", "calls")]], dtype=torch.float64,
+                             device=device)  # fmt: skip
+        samples, prompts, tokens, calls = self.accelerator.gather(local).sum(0).tolist()
+        prompts = max(prompts, 1.0)
+        metrics["aepo/global_samples_per_prompt"].append(samples / prompts)
+        metrics["aepo/probe_sampled_tokens"].append(tokens / prompts)
+        metrics["aepo/probe_tool_calls"].append(calls / prompts)
+        metrics["aepo/probe_seconds"].append(seconds)
+
+    def _generate(self, prompts: list):
+        """The rollout in TRL's `_generate` shape, for code that calls it outside `_generate_and_score_completions`
+        (which runs `_rollout` itself, keeping the result as a value)."""
+        return self._rollout(prompts)[1]
 
     # ------------------------------------------------------------------ AEPO loss
     def _compute_loss(self, model, inputs):
@@ -633,22 +395,36 @@ class ARPOTrainer(GRPOTrainer):
 
         Both need what TRL's `_compute_loss` computes in its own forward (the log-probs, and the entropies it always
         computes there), and act before its clipped objective. TRL offers no seam between the two other than the
-        forward call itself, so for the duration of the call the forward is wrapped (`_aepo_after_forward`): it then
-        replaces the advantages with Ã (B, T) and hands TRL an upper clip whose value is ε_h and whose gradient is
-        AEPO's. Everything else (IS correction, masks, KL, aggregation per loss_type, metrics) stays TRL's.
+        forward call itself, so for the duration of the call the forward is wrapped (`aepo.balance_loss_inputs`):
+        it then replaces the advantages with Ã (B, T) and hands TRL an upper clip whose value is ε_h and whose
+        gradient is AEPO's. Everything else (IS correction, masks, KL, aggregation per loss_type, metrics) stays
+        TRL's.
         """
         a = self.args
         if not (a.entropy_balanced_clipping or a.entropy_advantage_coef):
             return super()._compute_loss(model, inputs)
         inputs = dict(inputs)  # the buffered batch is reused by later iterations: never modify it
         forward = self._get_per_token_logps_and_entropies  # whatever the class provides
+        epsilon_low, epsilon_high = self.epsilon_low, self.epsilon_high
+        metrics = self._metrics["train" if self.model.training else "eval"]
+
+        def share(flags: torch.Tensor, mask: torch.Tensor) -> float:  # over every process's valid tokens
+            local = torch.stack([(flags.float() * mask).sum(), mask.sum().float()])
+            totals = self.accelerator.reduce(local, reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
 
         def forward_then_aepo(*args: Any, **kwargs: Any) -> Any:
             logps, entropies, aux = forward(*args, **kwargs)
-            self._aepo_after_forward(inputs, logps, entropies)
+            low, high, figures = balance_loss_inputs(
+                inputs, logps, entropies, args=a, epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high),
+                sequence_level=self.importance_sampling_level == "sequence", share=share,
+            )  # fmt: skip
+            if high is not None:
+                self.epsilon_low, self.epsilon_high = low, high
+            for name, value in figures.items():
+                metrics[name].append(value)
             return logps, entropies, aux
 
-        epsilon_low, epsilon_high = self.epsilon_low, self.epsilon_high
         self._get_per_token_logps_and_entropies = forward_then_aepo
         try:
             return super()._compute_loss(model, inputs)
@@ -656,119 +432,48 @@ class ARPOTrainer(GRPOTrainer):
             del self._get_per_token_logps_and_entropies
             self.epsilon_low, self.epsilon_high = epsilon_low, epsilon_high
 
-    def _aepo_after_forward(self, inputs: dict[str, Any], logps: torch.Tensor, entropies: torch.Tensor | None) -> None:
-        from .aepo import balanced_epsilon_high, entropy_aware_advantages, standardized_entropy
-
-        a = self.args
-        metrics = self._metrics["train" if self.model.training else "eval"]
-        mask = inputs["completion_mask"]
-        if "tool_mask" in inputs:
-            mask = mask * inputs["tool_mask"]
-        advantages = inputs["advantages"]
-        if advantages.dim() == 1:
-            advantages = advantages.unsqueeze(1)
-        sequence = self.importance_sampling_level == "sequence"
-
-        def share(flags: torch.Tensor) -> float:  # over every process's valid tokens (a collective: all ranks call)
-            local = torch.stack([(flags.float() * mask).sum(), mask.sum().float()])
-            totals = self.accelerator.reduce(local, reduction="sum")
-            return (totals[0] / totals[1].clamp(min=1.0)).item()
-
-        if a.entropy_advantage_coef:
-            if entropies is None:
-                raise RuntimeError("entropy_advantage_coef needs the token entropies of TRL's loss forward, got None")
-            advantages = entropy_aware_advantages(advantages, entropies, mask, a.entropy_advantage_coef)
-            inputs["advantages"] = advantages
-            # 1 + a·z < 0 turns a token's advantage around (z below −1/a): rare at a = 0.2, worth seeing.
-            metrics["aepo/advantage_sign_flip_share"].append(
-                share(1 + a.entropy_advantage_coef * standardized_entropy(entropies, mask) < 0)
-            )
-        if not a.entropy_balanced_clipping:
-            return
-        if sequence:  # TRL's sequence weight: the masked mean of the token log-ratios
-            log_weight = (((logps - logps.detach()) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-        else:
-            log_weight = logps
-        epsilon_high = float(self.epsilon_high)
-        # torch.clamp takes two numbers or two tensors: both bounds become tensors (values unchanged).
-        self.epsilon_high = balanced_epsilon_high(log_weight, epsilon_high)
-        self.epsilon_low = torch.tensor(float(self.epsilon_low), dtype=logps.dtype, device=logps.device)
-        # Tokens above the upper clip with A > 0: zero gradient under PPO, (1 + ε_h)·A·∇log π here.
-        old = inputs.get("old_per_token_logps")
-        log_ratio = torch.zeros_like(logps) if old is None else logps.detach() - old
-        if sequence:
-            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-        metrics["aepo/clipped_gradient_kept_share"].append(
-            share((torch.exp(log_ratio) > 1 + epsilon_high) & (advantages > 0))
-        )
-
     # ------------------------------------------------------------------ model card
     def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
         """TRL's card (ARPO in its tags, ARPO's citation), plus the ARPO settings this model was trained with."""
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        if not self.is_world_process_zero():
-            return
-        a = self.args
-        rows = [
-            ("M (`num_generations`)", a.num_generations),
-            ("N (`initial_rollouts`)", self.initial_rollouts),
-            ("Z (`branch_factor`)", a.branch_factor),
-            ("k (`entropy_window`)", a.entropy_window),
-            ("α (`branch_base_probability`)", a.branch_base_probability),
-            ("β (`branch_entropy_weight`)", a.branch_entropy_weight),
-            ("`branch_rule`", a.branch_rule + (f" (τ = {a.branch_threshold})" if a.branch_rule == "threshold" else "")),
-            ("`entropy_timing`", a.entropy_timing),
-            ("`entropy_normalization`", a.entropy_normalization),
-            ("`advantage_attribution`", a.advantage_attribution),
-            ("`rollout_fill`", a.rollout_fill),
-            ("`speculative_forks`", a.speculative_forks),
-            ("`tool_format`", a.tool_format),
-            ("tools", ", ".join(f"`{name}`" for name in tools_by_name(self.arpo_tools)) or "none"),
-            ("`max_tool_calling_iterations`", a.max_tool_calling_iterations),
-            ("`max_completion_length`", a.max_completion_length),
-            ("`learning_rate`", a.learning_rate),
-            ("KL `beta`", a.beta),
-            ("`loss_type`", a.loss_type),
-        ]
-        table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-        with open(os.path.join(a.output_dir, "README.md"), "a") as f:
-            f.write(f"\n## ARPO settings\n\n| Setting | Value |\n|---|---|\n{table}\n")
+        if self.is_world_process_zero():
+            with open(os.path.join(self.args.output_dir, "README.md"), "a") as f:
+                f.write(settings_table(self.args, self.initial_rollouts, self.arpo_tools))
 
-    # ------------------------------------------------------------------ advantages
-    def _calculate_rewards(self, *args, **kwargs):
-        rewards_per_func = super()._calculate_rewards(*args, **kwargs)
-        self._last_rewards_per_func = rewards_per_func  # gathered over processes: kept for the rollout-tree pages
-        return rewards_per_func
-
-    def _maybe_log_rollout_trees(self, advantages: torch.Tensor) -> None:
-        """Every `log_rollout_trees` logging steps, render this batch's trees (`arpo_trl.viz`), main process only."""
-        every = self.args.log_rollout_trees
-        if not every or not self.model.training or self.last_rollout is None:
-            return
-        step = self.state.global_step
-        if step % (every * max(1, self.args.logging_steps)) or getattr(self, "_trees_logged_at", None) == step:
-            return
-        self._trees_logged_at = step
-        per_func = self._last_rewards_per_func
-        rewards = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)
-        if self.accelerator.is_main_process:
-            from .viz import log_rollout_trees
-
-            log_rollout_trees(
-                self, self.last_rollout, rewards, advantages, step, max_prompts=self.args.log_rollout_trees_prompts
-            )
-
+    # ------------------------------------------------------------------ scoring and advantages
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        output = super()._generate_and_score_completions(inputs)
-        self._maybe_log_rollout_trees(output["advantages"])  # (B,) sequence advantages, before hard attribution
+        """TRL's, with ARPO's rollout (`_rollout`) as its `_generate`; the rollout and TRL's gathered rewards are
+        kept as locals of this call (the tree pages and hard attribution read them), then:
+
+        - every `log_rollout_trees` logging steps, the batch's trees are rendered (`arpo_trl.viz`, main process);
+        - with ``advantage_attribution="hard"``, the (B,) advantages become per-token ones averaged over the rows
+          that share each token's prefix (Eq. 6-7)."""
+        seen: dict[str, Any] = {}
+        calculate_rewards = self._calculate_rewards  # whatever the class provides
+
+        def rollout(prompts: list) -> tuple:
+            seen["rollout"], generated = self._rollout(prompts)
+            return generated
+
+        def rewards(*args: Any, **kwargs: Any) -> torch.Tensor:
+            seen["rewards"] = calculate_rewards(*args, **kwargs)  # (B_total, F), gathered over processes
+            return seen["rewards"]
+
+        self._generate, self._calculate_rewards = rollout, rewards
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            del self._generate, self._calculate_rewards
+        result: RolloutResult = seen["rollout"]
+        if self.model.training:
+            self._maybe_log_rollout_trees(result, seen["rewards"], output["advantages"])  # (B,), before hard
         if self.model.training and self.args.advantage_attribution == "hard":
-            record = self.last_rollout
-            lengths = torch.tensor([len(t.completion_ids) for t in record.trajectories], device=self.accelerator.device)
+            lengths = torch.tensor([len(t.completion_ids) for t in result.trajectories], device=self.accelerator.device)
             ids = output["completion_ids"]
             valid = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).long()
             # Rows share a prefix only when their prompts are equal too: a leading column numbers each row's prompt
             # within its group (rows of one prompt agree on it, rows of different reset observations do not).
-            keys = torch.tensor(prompt_keys(record.prompt_ids, self.num_generations), device=ids.device)
+            keys = torch.tensor(prompt_keys(result.prompt_ids, self.num_generations), device=ids.device)
             hard = hard_attribution(
                 torch.cat([keys[:, None], ids], dim=1),
                 torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1),
@@ -777,6 +482,21 @@ class ARPOTrainer(GRPOTrainer):
             )
             output["advantages"] = hard[:, 1:]
         return output
+
+    def _maybe_log_rollout_trees(
+        self, result: RolloutResult, rewards_per_func: torch.Tensor, advantages: torch.Tensor
+    ) -> None:
+        """Every `log_rollout_trees` logging steps, render this batch's trees (`arpo_trl.viz`), main process only;
+        at a step with several generation batches, its first."""
+        every = self.args.log_rollout_trees
+        step = self.state.global_step
+        if not every or step % (every * max(1, self.args.logging_steps)) or self._rollouts_this_step["train"][1]:
+            return
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
+        if self.accelerator.is_main_process:
+            from .viz import log_rollout_trees
+
+            log_rollout_trees(self, result, rewards, advantages, step, max_prompts=self.args.log_rollout_trees_prompts)
 
     # ------------------------------------------------------------------ training forward (shared prefixes)
     def _prepare_inputs(self, generation_batch: Any) -> Any:

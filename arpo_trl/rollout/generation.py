@@ -47,7 +47,7 @@ class _FirstStop(StoppingCriteria):
         return fired
 
 
-def split_segments(
+def output_segments(
     new_ids: torch.Tensor,
     entropies: torch.Tensor | None,
     max_new_tokens: list[int],
@@ -290,5 +290,5 @@ class TransformersGenerator:
             entropies = self.recorder.disarm(new_ids) if need_rows else None
         if dummy:
             return []
-        return split_segments(new_ids, entropies, max_new_tokens, src.eos_token_ids, recorder_stop,
+        return output_segments(new_ids, entropies, max_new_tokens, src.eos_token_ids, recorder_stop,
                               input_ids.shape[1])  # fmt: skip

@@ -9,6 +9,7 @@ tokenizes the text *between* two added tokens, so output free of control strings
 (Qwen's ``<tool_call>``, ``</tool_response>``, ``<think>``).
 
 - `encode_plain`: a text as plain tokens (the tag format's ``<result>…</result>`` block).
+- `ChatContext`: what the chat template's tool turn is rendered from (the values TRL's trainer holds).
 - `tool_suffix_ids`: TRL's `GRPOTrainer._get_tool_suffix_ids` (the chat template's tool turn, sliced after the
   assistant turn the same way), with the template's own markers live and each tool message's content plain.
 """
@@ -17,10 +18,33 @@ from __future__ import annotations
 
 import os
 import secrets
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
-if TYPE_CHECKING:
-    from trl import GRPOTrainer
+
+@dataclass(frozen=True)
+class ChatContext:
+    """What a chat-template tool turn is rendered and parsed from: the values `GRPOTrainer` holds after its
+    `__init__` (`processing_class`, `_tokenizer`, `chat_template`, `chat_template_kwargs`, `tools`, `_is_vlm`)."""
+
+    processing_class: Any
+    tokenizer: Any
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    tools: list[Any] | None = None
+    is_vlm: bool = False
+
+    @classmethod
+    def of(cls, trainer: Any) -> ChatContext:
+        """The context of a TRL trainer (or anything with its attribute names), read once."""
+        return cls(
+            processing_class=trainer.processing_class,
+            tokenizer=trainer._tokenizer,
+            chat_template=trainer.chat_template,
+            chat_template_kwargs=dict(trainer.chat_template_kwargs or {}),
+            tools=trainer.tools,
+            is_vlm=bool(trainer._is_vlm),
+        )
 
 
 def _backend(tokenizer: Any) -> Any:
@@ -92,7 +116,7 @@ def encode_pieces(tokenizer: Any, pieces: list[tuple[str, bool]]) -> list[int]:
     return ids
 
 
-def tool_suffix_ids(trainer: GRPOTrainer, tool_messages: list[dict[str, Any]]) -> list[int]:
+def tool_suffix_ids(chat: ChatContext, tool_messages: list[dict[str, Any]]) -> list[int]:
     """The ids TRL's `_get_tool_suffix_ids(tool_messages)` appends after an assistant turn, except that each
     message's ``content`` is plain text.
 
@@ -118,19 +142,19 @@ def tool_suffix_ids(trainer: GRPOTrainer, tool_messages: list[dict[str, Any]]) -
             "tool_calls": [{"type": "function", "function": {"name": tool_messages[0]["name"], "arguments": {}}}],
         },
     ]
-    if trainer._is_vlm:
+    if chat.is_vlm:
         dummy, marked = prepare_multimodal_messages(dummy), prepare_multimodal_messages(marked)
 
     def render(messages: list[dict[str, Any]], tokenize: bool, generation_prompt: bool) -> Any:
-        out = trainer.processing_class.apply_chat_template(
+        out = chat.processing_class.apply_chat_template(
             messages,
             add_generation_prompt=generation_prompt,
             tokenize=tokenize,
-            chat_template=trainer.chat_template,
+            chat_template=chat.chat_template,
             return_dict=False,
-            **trainer.chat_template_kwargs,
+            **chat.chat_template_kwargs,
         )
-        return out[0] if trainer._is_vlm and tokenize else out
+        return out[0] if chat.is_vlm and tokenize else out
 
     prefix_ids = list(render(dummy, tokenize=True, generation_prompt=False))
     rest = render(dummy + marked, tokenize=False, generation_prompt=True)
@@ -152,9 +176,9 @@ def tool_suffix_ids(trainer: GRPOTrainer, tool_messages: list[dict[str, Any]]) -
         before, rest = rest.split(open_)
         content, rest = rest.split(close)
         pieces += [(before, False), (content, True)]
-    full_ids = encode_pieces(trainer._tokenizer, [*pieces, (rest, False)])
+    full_ids = encode_pieces(chat.tokenizer, [*pieces, (rest, False)])
     # As TRL: cut the prefix after its last EOS (templates that render "<|im_end|>\n" after a turn).
-    eos = [i for i, token_id in enumerate(prefix_ids) if token_id == trainer._tokenizer.eos_token_id]
+    eos = [i for i, token_id in enumerate(prefix_ids) if token_id == chat.tokenizer.eos_token_id]
     if eos:
         prefix_ids = prefix_ids[: eos[-1] + 1]
     if full_ids[: len(prefix_ids)] != prefix_ids:

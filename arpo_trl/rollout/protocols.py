@@ -12,17 +12,14 @@ In both, a tool's output is tokenized as plain text: no added token it prints be
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from trl.chat_template_utils import parse_response
 
 from ..tools import ToolCall, ToolResult, format_result, parse_tag_call, stop_strings
-from .plain_text import encode_plain, tool_suffix_ids
+from .plain_text import ChatContext, encode_plain, tool_suffix_ids
 from .trajectory import Trajectory
 from .tree import Segment
-
-if TYPE_CHECKING:
-    from trl import GRPOTrainer
 
 
 def _limit_text(limit: int) -> str:
@@ -88,26 +85,24 @@ def tool_calls_of(message: dict) -> list[ToolCall]:
 class ChatTemplateProtocol:
     stop_strings = None
 
-    def __init__(self, trainer: GRPOTrainer) -> None:
-        self.trainer = trainer
+    def __init__(self, chat: ChatContext) -> None:
+        self.chat = chat
 
     @property
     def parses_responses(self) -> bool:
         """TRL parses a turn (tool calls included) only when the tokenizer has a response template or schema, which
         it adds when tools are passed; otherwise it decodes the turn as plain assistant text (`GRPOTrainer._generate`)."""
-        tok = self.trainer._tokenizer
+        tok = self.chat.tokenizer
         return getattr(tok, "response_template", None) is not None or getattr(tok, "response_schema", None) is not None
 
     def calls(self, traj: Trajectory, segment: Segment) -> list[ToolCall]:
-        t = self.trainer
+        tok = self.chat.tokenizer
         if not self.parses_responses:
-            traj.messages.append(
-                {"role": "assistant", "content": t._tokenizer.decode(segment.ids, skip_special_tokens=True)}
-            )
+            traj.messages.append({"role": "assistant", "content": tok.decode(segment.ids, skip_special_tokens=True)})
             return []
         # Its own prompt (a branch's is its parent's) and the turns before this one.
         context = traj.prompt_ids + traj.completion_ids[: len(traj.completion_ids) - len(segment.ids)]
-        message = parse_response(t._tokenizer, segment.ids, prefix=context, tools=t.tools)
+        message = parse_response(tok, segment.ids, prefix=context, tools=self.chat.tools)
         traj.messages.append(message)
         if segment.finish != "eos":
             return []
@@ -119,15 +114,15 @@ class ChatTemplateProtocol:
             {"role": "tool", "name": c.name, "content": r.message_content} for c, r in zip(calls, results, strict=True)
         ]
         traj.messages.extend(messages)
-        return tool_suffix_ids(self.trainer, messages)  # TRL's tool turn, with the content as plain text
+        return tool_suffix_ids(self.chat, messages)  # TRL's tool turn, with the content as plain text
 
     def limit_notice_ids(self, traj: Trajectory, calls: list[ToolCall], limit: int) -> list[int]:
         messages = [{"role": "tool", "name": c.name, "content": _limit_text(limit)} for c in calls]
         traj.messages.extend(messages)
-        return tool_suffix_ids(self.trainer, messages)
+        return tool_suffix_ids(self.chat, messages)
 
     def completion(self, traj: Trajectory, conversational: bool) -> Any:
         """As TRL's: the turns (assistant, tool, assistant, ...) for conversational prompts, else the decoded text."""
         if conversational:
             return traj.messages
-        return self.trainer._tokenizer.decode(traj.completion_ids, skip_special_tokens=True)
+        return self.chat.tokenizer.decode(traj.completion_ids, skip_special_tokens=True)

@@ -30,10 +30,6 @@ from ..tools import ToolCall, ToolExecutor
 from .branching import BranchPolicy
 from .trajectory import Trajectory
 from .tree import (
-    BRANCH,
-    DUPLICATE,
-    FRESH,
-    ROOT,
     RolloutSettings,
     RolloutStats,
     RolloutTree,
@@ -147,17 +143,3 @@ class RoundDriver(TreeDriver):
         calls = tree.absorb(traj, seg)
         if calls:
             calling.append((traj, calls, window))
-
-
-__all__ = [
-    "BRANCH",
-    "DUPLICATE",
-    "FRESH",
-    "ROOT",
-    "Generator",
-    "RolloutSettings",
-    "RolloutStats",
-    "Segment",
-    "ToolProtocol",
-    "RoundDriver",
-]

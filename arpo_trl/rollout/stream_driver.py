@@ -52,6 +52,8 @@ class _Batch:
     number: int  # makes request ids unique across batches
     launch: Callable[..., None]  # start coroutines for new trajectories
     speculating: dict[int, int] = field(default_factory=dict)  # group → speculative copies awaiting a decision
+    streaming: int = 0  # requests in flight
+    streaming_since: float = 0.0  # since when that count was > 0
 
 
 @dataclass
@@ -114,17 +116,12 @@ class StreamDriver(TreeDriver):
     # ------------------------------------------------------------------ the batch
     async def _run(self, tree: RolloutTree, pool: ThreadPoolExecutor, seed: int | None) -> list[Trajectory]:
         tasks: set[asyncio.Task] = set()
-        self.cached_tokens = 0  # prompt tokens served from the prefix cache, over the batch
-        self.prompt_tokens = 0
-        self.tool_seconds = 0.0  # summed over calls (they overlap generation and each other)
-        self.fork_prefills: list[tuple[int, int]] = []  # per fork's first request: (prompt tokens, served from cache)
 
         def launch(trajs: Sequence[Trajectory], decided: asyncio.Future | None = None) -> None:
             for traj in trajs:
                 tasks.add(asyncio.create_task(self._trajectory(batch, traj, decided)))
 
         batch = _Batch(tree, pool, seed, next(self._batches), launch)
-        self._streaming, self._streaming_since = 0, 0.0  # requests in flight, and since when the count was > 0
         started = asyncio.get_running_loop().time()
         launch(tree.start())
         try:
@@ -137,18 +134,18 @@ class StreamDriver(TreeDriver):
             for task in tasks:
                 task.cancel()
         wall = asyncio.get_running_loop().time() - started
-        tree.stats.tool_seconds = self.tool_seconds
         tree.stats.wait_seconds = max(0.0, wall - tree.stats.generation_seconds)
         return tree.finish()
 
-    def _streams(self, stats: RolloutStats, change: int) -> None:
+    @staticmethod
+    def _streams(batch: _Batch, change: int) -> None:
         """Count a request starting (+1) or ending (-1); the time with at least one in flight is generation time."""
         now = asyncio.get_running_loop().time()
-        if change > 0 and self._streaming == 0:
-            self._streaming_since = now
-        self._streaming += change
-        if change < 0 and self._streaming == 0:
-            stats.generation_seconds += now - self._streaming_since
+        if change > 0 and batch.streaming == 0:
+            batch.streaming_since = now
+        batch.streaming += change
+        if change < 0 and batch.streaming == 0:
+            batch.tree.stats.generation_seconds += now - batch.streaming_since
 
     # ------------------------------------------------------------------ one trajectory
     async def _trajectory(self, batch: _Batch, traj: Trajectory, decided: asyncio.Future | None = None) -> None:
@@ -161,19 +158,19 @@ class StreamDriver(TreeDriver):
             owner = traj.slot if traj.slot >= 0 else f"{traj.parent}.{-traj.slot}"
             key = f"{owner}-{traj.kind}-{len(traj.completion_ids)}"
             request_seed = None if batch.seed is None else zlib.crc32(f"{batch.seed}-{key}".encode()) & 0x7FFFFFFF
-            self._streams(tree.stats, +1)
+            self._streams(batch, +1)
             try:
                 segment, window = await self._segment(
                     batch, traj, f"arpo-{batch.number}-{key}", request_seed, copies, decided
                 )
             finally:
-                self._streams(tree.stats, -1)
+                self._streams(batch, -1)
             copies, decided = None, None
             if segment is None:  # discarded while streaming: its slot went to a branch, or no fork was decided
                 return
             calls = tree.absorb(traj, segment)
             if calls and tree.admit(traj, calls):
-                results = await self._run_tools(traj, calls, batch.pool)
+                results = await self._run_tools(traj, calls, batch)
                 batch.launch(tree.apply_results(traj, calls, results, window))
                 copies = self._speculate(batch, traj)
             # Only this trajectory changed (finished, or can no longer branch): its group's tree may no longer be
@@ -207,12 +204,12 @@ class StreamDriver(TreeDriver):
         batch.speculating[traj.group] -= len(copies)
         speculation.decided.set_result(None)
 
-    async def _run_tools(self, traj: Trajectory, calls: list[ToolCall], pool: ThreadPoolExecutor):
+    async def _run_tools(self, traj: Trajectory, calls: list[ToolCall], batch: _Batch):
         toolsets = [self.toolset(traj)] * len(calls) if self.toolset else None
         loop = asyncio.get_running_loop()
         start = loop.time()
-        results = await loop.run_in_executor(pool, self.executor.run, calls, toolsets)
-        self.tool_seconds += loop.time() - start
+        results = await loop.run_in_executor(batch.pool, self.executor.run, calls, toolsets)
+        batch.tree.stats.tool_seconds += loop.time() - start  # summed over calls: they overlap each other
         return results
 
     async def _segment(
@@ -270,10 +267,10 @@ class StreamDriver(TreeDriver):
             await decided
             if traj.done:
                 return None, None
-        self.prompt_tokens += len(prefix)
-        self.cached_tokens += cached
+        tree.stats.prompt_tokens += len(prefix)
+        tree.stats.cached_tokens += cached
         if traj.kind == BRANCH and traj.fork_position == len(traj.completion_ids):
-            self.fork_prefills.append((len(prefix), cached))
+            tree.stats.fork_prefills.append((len(prefix), cached))
         if finish == "abort":
             raise RuntimeError(f"vLLM aborted request {request_id} (engine shut down?)")
         entropies = [math.nan] * len(ids)

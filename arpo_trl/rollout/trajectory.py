@@ -69,7 +69,6 @@ class Trajectory:
     can_branch: bool = True
     h_initial: float | None = None  # H of the first k tokens of this tree's root; inherited by branches
     awaiting_entropy: bool = False  # after_tool timing: the next segment's first k tokens decide branching
-    last_window: float | None = None  # lagged timing: H of the segment just generated
     # TRL environment (`environment_factory`) this trajectory's tool calls act on; a fork gets its own copy.
     env: Any = None
     # "eos", "length", "call_limit", "no_room_for_result", "stop"; "discarded": a speculative fresh rollout whose

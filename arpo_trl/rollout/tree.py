@@ -110,6 +110,7 @@ class RolloutStats:
     entropy_deltas: list[float] = field(default_factory=list)  # ΔH at each decision
     entropy_after_tool: list[float] = field(default_factory=list)  # H_t at each decision (ΔH + H_initial)
     branch_probabilities: list[float] = field(default_factory=list)
+    consecutive_branches: list[int] = field(default_factory=list)  # AEPO: c at each decision
     # Where the rollout's wall time went (seconds). Round driver: inside the generator's calls / the rounds' tool
     # executions / the rest (the tree's bookkeeping). Asynchronous driver: while at least one request streamed /
     # tool calls summed over calls (they overlap generation and each other) / while no request streamed (the
@@ -117,6 +118,11 @@ class RolloutStats:
     generation_seconds: float = 0.0
     tool_seconds: float = 0.0
     wait_seconds: float = 0.0
+    # The asynchronous driver's prefix cache: prompt tokens of every request, of which served from vLLM's prefix
+    # cache, and per fork's first request (prompt tokens, served from the cache). Zero in the round driver.
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    fork_prefills: list[tuple[int, int]] = field(default_factory=list)
 
 
 class RolloutTree:
@@ -254,6 +260,7 @@ class RolloutTree:
         stats.entropy_deltas.append(decision.delta_h)
         stats.entropy_after_tool.append(h_t)
         stats.branch_probabilities.append(decision.probability)
+        stats.consecutive_branches.append(decision.consecutive)
         slots = pool.take(traj.group, s.branch_factor) if decision.fork else []
         traj.branch_events.append(
             BranchEvent(len(traj.completion_ids), decision.delta_h, decision.probability, list(slots))

@@ -12,7 +12,7 @@ See docs/viz.md.
 
 from .hook import log_rollout_trees
 from .html import render_tree, tree_html
-from .trees import GroupTree, Leaf, TreeNode, build_trees, split_segments
+from .trees import GroupTree, Leaf, TreeNode, build_trees, mask_spans
 
 __all__ = [
     "GroupTree",
@@ -21,6 +21,6 @@ __all__ = [
     "build_trees",
     "log_rollout_trees",
     "render_tree",
-    "split_segments",
+    "mask_spans",
     "tree_html",
 ]

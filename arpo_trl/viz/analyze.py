@@ -72,7 +72,7 @@ def model_directory(spec: str) -> str:
     """The local HF directory of a `--model` that is not ``fixture:tiny-calc`` (built first for
     ``demo:cold-start``)."""
     if spec == "demo:cold-start":
-        from arpo_trl.demo import default_cold_start
+        from arpo_trl.cold_start import default_cold_start
 
         path = default_cold_start()
     elif spec.startswith("embedded:"):
@@ -168,7 +168,8 @@ def load_questions(spec: str, limit: int, seed: int, system_prompt: str | None, 
     """Prompts as chat messages: ``fixture:calc`` or one ``{"question": ...}`` object per JSONL line."""
     if spec == "demo:arithmetic":
         # Fresh problems of the demo's task (not its training seeds), with the system prompt its cold start learnt.
-        from arpo_trl.demo import DEMO_SYSTEM_PROMPT, arithmetic
+        from arpo_trl.data import arithmetic
+        from arpo_trl.prompts import DEMO_SYSTEM_PROMPT
 
         system = system_prompt if system_prompt is not None else DEMO_SYSTEM_PROMPT
         questions = arithmetic(limit, seed=777 + seed)["question"]
@@ -241,10 +242,11 @@ def analyze_entropy(
 ) -> tuple[dict[str, Any], list[Any]]:
     """Roll out `samples` completions per prompt and return (profile, sample records).
 
-    `model`: a transformers model (sampled with `temperature`, `top_p`, `top_k`) or a `sampling.VLLMBackend` /
+    `model`: a transformers model (sampled with `temperature`, `top_p`, `top_k`) or a `rollout.backends.VLLMBackend` /
     `TransformersBackend`, which carries its own sampling settings (the three arguments are then ignored)."""
+    from ..rollout.backends import TransformersBackend, VLLMBackend
     from .entropy_profile import SampleRecord, entropy_profile, result_spans
-    from .sampling import TransformersBackend, VLLMBackend, rollout_with_entropies
+    from .sampling import rollout_with_entropies
 
     if isinstance(model, TransformersBackend | VLLMBackend):
         backend = model
@@ -317,7 +319,7 @@ def _start_vllm(args: argparse.Namespace, prompts: Sequence[Any], stack: context
 
     from arpo_trl.rollout.vllm_engine import INSTALL_HINT, vllm_available
 
-    from .sampling import VLLMBackend
+    from ..rollout.backends import VLLMBackend
 
     if not vllm_available():
         raise UsageError(f"--backend vllm: {INSTALL_HINT}")

@@ -130,7 +130,7 @@ class GroupTree:
         return max((n.depth for n in self.nodes), default=0)
 
 
-def split_segments(tool_mask: Sequence[int]) -> list[tuple[int, int]]:
+def mask_spans(tool_mask: Sequence[int]) -> list[tuple[int, int]]:
     """[start, end) of each segment: a segment ends where the model resumes after environment tokens."""
     bounds = [0]
     for i in range(1, len(tool_mask)):
@@ -263,7 +263,7 @@ def _build_group(
         prompt = which[keys[i]]
         path: list[TreeNode] = []
         parent: TreeNode | None = None
-        for start, end in split_segments(mask):
+        for start, end in mask_spans(mask):
             key = (parent.id if parent else -1 - prompt, tuple(traj.completion_ids[start:end]))
             node = children.get(key)
             if node is None:
