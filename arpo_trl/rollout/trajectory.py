@@ -44,6 +44,8 @@ class BranchEvent:
     delta_h: float
     probability: float
     forked_slots: list[int]
+    consecutive: int = 0  # AEPO: c, the prompt's consecutive forking rounds before this decision
+    penalty: float = 0.0  # AEPO: P̂(c), the share of the branch probability the penalty took
 
 
 @dataclass

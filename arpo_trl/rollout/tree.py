@@ -263,7 +263,14 @@ class RolloutTree:
         stats.consecutive_branches.append(decision.consecutive)
         slots = pool.take(traj.group, s.branch_factor) if decision.fork else []
         traj.branch_events.append(
-            BranchEvent(len(traj.completion_ids), decision.delta_h, decision.probability, list(slots))
+            BranchEvent(
+                len(traj.completion_ids),
+                decision.delta_h,
+                decision.probability,
+                list(slots),
+                decision.consecutive,
+                decision.penalty,
+            )  # fmt: skip
         )
         stats.branches += len(slots)
         for slot in slots:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..rollout.trajectory import ROOT
 from .html import render_tree
 
 TREES_DIR = "rollout_trees"
@@ -43,7 +44,7 @@ def log_rollout_trees(
 
     Args:
         trainer: the `ARPOTrainer` (reads `args`, the tokenizer, the model's vocabulary size, `accelerator`).
-        record: the batch's `RolloutRecord` (``trainer.last_rollout``).
+        record: the batch's `RolloutResult` (what `ARPOTrainer.on_rollout` receives).
         rewards: R_i, this process's rows (B,) or TRL's gathered rewards over all processes.
         advantages: Â_i, sequence level (B,), before any hard attribution (hard advantages are derived here).
         step: the global step, used in the file name and for wandb.
@@ -79,6 +80,12 @@ def log_rollout_trees(
         "timing": getattr(args, "entropy_timing", None),
         "normalization": getattr(args, "entropy_normalization", None),
     }
+    if getattr(args, "dynamic_rollouts", None):  # AEPO's budget split: m roots of each drawn prompt
+        roots = [sum(t.kind == ROOT for t in record.trajectories if t.group == g) for g in range(num_groups)]
+        meta["N"] = None
+        meta["m per prompt (AEPO)"] = ", ".join(map(str, roots[:max_prompts]))
+    if getattr(args, "branch_penalty_rate", 0) or getattr(args, "branch_rule", None) == "aepo_official":
+        meta["λ (AEPO penalty)"] = getattr(args, "branch_penalty_rate", None)
     name = f"step-{int(step):06d}" + (f"-rank{process_index}" if process_index else "") + ".html"
     path = render_tree(
         record,

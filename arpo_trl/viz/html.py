@@ -185,6 +185,8 @@ def _node_lines(node: TreeNode, decode: Decode) -> tuple[list[tuple[str, str]], 
         lines.append(("", f"H_t {_f(d.h_t)}  ΔH {_f(d.event.delta_h, True)}"))
         verdict = f"fork ×{len(d.event.forked_slots)}" if d.forked else "no fork"
         lines.append(("", f"P {_f(d.event.probability)} → {verdict}"))
+        if d.event.consecutive or d.event.penalty:  # AEPO's consecutive-branch penalty
+            lines.append(("", f"c {d.event.consecutive}  P̂ {_f(d.event.penalty)}"))
         border = RISE if d.event.delta_h > 0 else FALL if d.event.delta_h < 0 else NEUTRAL
     else:
         lines.append(("", "no decision" if node.result_ids else "final segment"))
@@ -328,6 +330,11 @@ def _card(node: TreeNode, decode: Decode, anchor: str) -> str:
         facts.append(
             f"after the result (slot {d.slot}): H_t = {_f(d.h_t)}, ΔH = {_f(d.event.delta_h, True)}, "
             f"P = {_f(d.event.probability)} → {verdict}"
+            + (
+                f" (AEPO: {d.event.consecutive} consecutive forking rounds before it, penalty P̂ = {_f(d.event.penalty)})"
+                if d.event.consecutive or d.event.penalty
+                else ""
+            )
         )
     facts.append(f"Â_hard over its sampled tokens: {_hard_text(node.hard_range)}")
     body.append("<ul>" + "".join(f"<li>{_e(f)}</li>" for f in facts) + "</ul>")
@@ -449,7 +456,7 @@ def render_tree(
     """Write the rollout trees of a batch to `path` (a self-contained HTML file) and return the path.
 
     Args:
-        rollout: a `RolloutRecord` (``trainer.last_rollout``) or the batch's trajectories in slot order.
+        rollout: a `RolloutResult` (what `ARPOTrainer.on_rollout` receives) or the batch's trajectories in slot order.
         tokenizer: decodes token ids (None: ids are shown as numbers).
         rewards: (B,) rewards R_i of the rows.
         advantages: (B,) sequence-level advantages Â_i (what soft attribution trains every token with); the hard

@@ -174,9 +174,9 @@ def build_trees(
     """Rebuild the rollout tree of each group from a batch's finished trajectories.
 
     Args:
-        trajectories: B finished trajectories in slot order (``RolloutRecord.trajectories``); groups are the M
+        trajectories: B finished trajectories in slot order (``RolloutResult.trajectories``); groups are the M
             contiguous slots of one prompt.
-        prompt_ids: the B prompts (``RolloutRecord.prompt_ids``: each row's own, a branch's is its parent's).
+        prompt_ids: the B prompts (``RolloutResult.prompt_ids``: each row's own, a branch's is its parent's).
         rewards: (B,) rewards R_i.
         advantages: (B,) sequence-level (soft) advantages Â_i; the hard ones, Â^hard_{i,t}, are derived here with
             `hard_attribution`.
