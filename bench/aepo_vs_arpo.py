@@ -7,7 +7,7 @@ Variants (same model weights, data, tool, reward, seed and budget M; transformer
     aepo            algorithm_preset="aepo" (penalty λ = 0.05, stop-gradient clip, a = 0.2, budget split "paper")
     aepo-official   algorithm_preset="aepo_official" (the released scripts: official rollout, AEPO's own rule)
 
-Per variant and step, from the rollout the trainer kept (`trainer.last_rollout`):
+Per variant and step, from each training rollout's `RolloutResult` (the trainer's `on_rollout` seam):
 
 - top-3 share: in each group with at least one fork, the forks made by its three most-forking trajectories over all
   its forks (the AEPO paper reports 93.4 % for ARPO on 1–3 trajectories); pooled over groups;
@@ -67,8 +67,8 @@ def fork_depth(trajectories: list, traj) -> int:
     return depth
 
 
-def rollout_figures(record, m: int) -> dict:
-    trajs = record.trajectories
+def rollout_figures(result, m: int) -> dict:
+    trajs = result.trajectories
     groups: dict[int, list] = {}
     for t in trajs:
         groups.setdefault(t.group, []).append(t)
@@ -87,7 +87,7 @@ def rollout_figures(record, m: int) -> dict:
         "max_depth": max(depths, default=0),
         "roots_per_group": statistics.mean(roots) if roots else 0.0,
         "calls": sum(len(t.tool_events) for t in trajs),
-        "executions": record.stats.tool_executions,
+        "executions": result.stats.tool_executions,
         "sampled_tokens": sampled,
         "completions": len(trajs),
     }
@@ -105,15 +105,16 @@ class StepTimer(TrainerCallback):
 
 
 class Recording(ARPOTrainer):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.records: list[dict] = []
+    """Keeps each training rollout's figures, from the result the trainer hands to `on_rollout`."""
 
-    def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
-        if self.model.training:
-            self.records.append(rollout_figures(self.last_rollout, self.num_generations))
-        return out
+    def __init__(self, *args, **kwargs):
+        self.records: list[dict] = []
+        super().__init__(*args, **kwargs)
+
+    def on_rollout(self, mode, result):
+        super().on_rollout(mode, result)
+        if mode == "train":
+            self.records.append(rollout_figures(result, self.num_generations))
 
 
 def run(name: str, opts, tokenizer, state: dict, out: Path) -> dict:

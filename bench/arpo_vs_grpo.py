@@ -16,19 +16,24 @@ Trainers run in threads that pass a baton after every optimizer step, so their s
 and share whatever else loads the machine; each trainer's RNG state is saved and restored at every hand-over, so
 its run is the run it would have alone.
 
-Everything is measured from outside (class methods wrapped by `bench/probes.py`, arpo_trl untouched):
+Everything is measured from outside, arpo_trl untouched: ARPO's rollouts through the trainer's `on_rollout` seam
+(each `RolloutResult`), the rest by wrappers of transformers' and TRL's methods (`bench/probes.py`, whose docstring
+says which remain and why):
 
-- rollout = the trainer's `_generate` (tokenize, sample, tools, decode, metrics: the same scope for both
-  trainers); step = `on_step_begin` → `on_step_end` (rollout, reward, loss, backward, optimizer);
+- rollout = ARPO: the rollout's wall time (`RolloutResult.seconds`: the tree driver's run, tools included);
+  TRL: the trainer's `_generate` (tokenize, sample, tools, decode, metrics). ARPO's scope leaves out the prompts'
+  tokenisation, the completions' decoding and the metrics, which happen around the driver in its `_rollout`;
+  step = `on_step_begin` → `on_step_end` (rollout, reward, loss, backward, optimizer);
 - generate = the model's `generate` (the model's own decoding; includes the entropy hook and stop-string checks);
-- entropy = `EntropyRecorder.__call__` while armed; stop = `_FirstStop.__call__` (stop-string criterion);
-- tools = `ToolExecutor.run` for ARPO (one concurrent round), the tool function itself for TRL (its loop calls
-  tools one by one);
+- entropy = `EntropyRecorder.__call__` while armed; stop = `StopStringCriteria.__call__` (stop-string criterion);
+- tools = ARPO: the result's `stats.tool_seconds` (each round's concurrent calls, wall time); TRL: the tool
+  function itself (its loop calls tools one by one);
 - bookkeeping = rollout − generate − tools: everything that is neither the model's decoding nor a tool
-  (ARPO: tree engine, generator padding/slicing, tag parsing, result encoding, stop-criterion construction, prompt
-  tokenisation, decoding, metrics; TRL: the same outside-the-model work of its tool loop);
-- sampled tokens = tokens the model decoded and kept (a branch does not re-sample its shared prefix); decode work =
-  rows × decoding steps of every `generate` call (what batched decoding really computes, padding included);
+  (ARPO: tree engine, generator padding/slicing, tag parsing, result encoding; TRL: the outside-the-model work of
+  its tool loop, prompt tokenisation, decoding, metrics);
+- sampled tokens = tokens the model decoded and kept (a branch does not re-sample its shared prefix; ARPO's are
+  counted in its completions, so speculative samples it discarded are not); decode work = rows × decoding steps
+  of every `generate` call (what batched decoding really computes, padding and discarded samples included);
 - unique tool executions = tool calls actually run; tool calls = calls each completion contains (a call in a
   shared prefix counts once per completion sharing it).
 
@@ -69,7 +74,7 @@ from arpo_trl.testing import build_tiny_model, calc, calc_dataset, closeness_rew
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_fixture import chat_calc_dataset, chat_tokenizer, tool_sft_chat  # noqa: E402
-from probes import _ACTIVE, Probe, StepRecord, _sync, install_probes, timed_tool  # noqa: E402
+from probes import _ACTIVE, Probe, StepRecord, _sync, install_probes, observe_rollouts, timed_tool  # noqa: E402
 from report import (  # noqa: E402
     METRICS,
     TRAINERS,
@@ -203,9 +208,10 @@ def load_demo_assets(opts) -> Assets:
     demo's system prompt, the sandboxed Python interpreter and the paper's F1 reward."""
     from transformers import AutoModelForCausalLM
 
-    from arpo_trl.data import to_conversational
-    from arpo_trl.demo import DEMO_SYSTEM_PROMPT, arithmetic, default_cold_start
+    from arpo_trl.cold_start import default_cold_start
+    from arpo_trl.data import arithmetic, to_conversational
     from arpo_trl.models import load_tokenizer as load_local_tokenizer
+    from arpo_trl.prompts import DEMO_SYSTEM_PROMPT
     from arpo_trl.rewards import arpo_f1_reward
     from arpo_trl.tools import PythonInterpreter
 
@@ -307,6 +313,8 @@ def make_trainer(name: str, seed: int, assets: Assets, opts, out_dir: Path):
     )
     for quiet in (PrinterCallback, ProgressCallback):  # the benchmark prints its own per-step line
         trainer.remove_callback(quiet)
+    if isinstance(trainer, ARPOTrainer):
+        observe_rollouts(trainer)  # its rollouts' figures come from their results
     return trainer
 
 

@@ -1,15 +1,28 @@
-"""The benchmark's measurement layer: per-step records and the wrappers that time and count from outside.
+"""The benchmark's measurement layer: per-step records, ARPO's rollout results, and wrappers where nothing else gives
+a figure.
 
-Why wrappers rather than public hooks: TRL's `profiling_context` timers go only to wandb / MLflow / Trackio, and
-`GRPOTrainer` exposes no other per-phase timing or token count; to compare the two trainers on the same footing,
-the same wrappers time both. The vLLM benchmark (`vllm_rollout.py`) reads ARPO's own logged metrics
-(`arpo/rollout_seconds`, `tools/seconds`, `vllm/*`) through a `TrainerCallback` instead.
+ARPO's rollout is read from its result, not timed by patching ARPO: `observe_rollouts` adds an observer to the
+trainer's `on_rollout` seam, which receives each finished `RolloutResult` (trajectories, `RolloutStats`, wall
+time). From it: rollout wall time (`result.seconds`), the time inside the generator's calls and the tool rounds
+(`stats.generation_seconds`, `stats.tool_seconds`), sampled and completion tokens, completions, groups, tool calls
+and executions, branches, fresh rollouts, rounds, and who ran each call.
 
-`install_probes` wraps (once, process-wide) the class methods whose time or output `arpo_vs_grpo.py` reads —
-the model's `generate`, the entropy hook, the stop-string criterion, the round driver and `RolloutTree.fill`, the
-tool executor, the generator, TRL's generation and tool loop, both trainers' `_generate` and reward computation —
-and `timed_tool` wraps a tool function. Each wrapper adds to the `StepRecord` of the `Probe` active on the calling thread and does
-nothing outside a step. The figures are defined in the docstring of `arpo_vs_grpo.py`.
+Wrappers remain (`install_probes`, once, process-wide; each adds to the `StepRecord` of the `Probe` active on the
+calling thread and does nothing outside a step) only where no result, metric or public hook gives the figure:
+
+- transformers: `GenerationMixin.generate` (the model's own decoding time, its calls, rows × steps; both
+  trainers), `StopStringCriteria.__call__` (stop-string checks inside generate; the criterion ARPO's generator
+  hands to generate) and `StopStringCriteria.__init__` (its construction);
+- TRL's `GRPOTrainer`: `_generate` (its rollout, completions, tokens), `_generate_single_turn` (its sampled
+  tokens), `_tool_call_loop` (its tool calls) and `_calculate_rewards` (the reward, both trainers: ARPO scores
+  with TRL's). TRL returns no result object and its `profiling_context` timers go only to wandb / MLflow /
+  Trackio;
+- ARPO, two figures its result does not carry: `EntropyRecorder.__call__` (the entropy hook's time while armed:
+  `entropy_s`) and `RolloutTree.fill` (`tree_rounds`: the rounds until the last root or branch finished, the
+  rest being the fresh fill). A `RolloutStats` field for each would retire these two.
+
+`timed_tool` wraps a tool function (TRL calls tools one by one: its tool time). The figures are defined in the
+docstring of `arpo_vs_grpo.py`.
 """
 
 from __future__ import annotations
@@ -25,13 +38,10 @@ import torch
 from transformers import GenerationMixin, StopStringCriteria
 from trl import GRPOTrainer
 
-import arpo_trl.rollout.generation as arpo_generation
 from arpo_trl import ARPOTrainer
+from arpo_trl.rollout.backends import RolloutResult
 from arpo_trl.rollout.entropy import EntropyRecorder
-from arpo_trl.rollout.generation import TransformersGenerator
-from arpo_trl.rollout.round_driver import RoundDriver
 from arpo_trl.rollout.tree import RolloutTree
-from arpo_trl.tools import ToolExecutor
 
 
 @dataclass
@@ -49,9 +59,8 @@ class StepRecord:
     stop_check_s: float = 0.0
     stop_init_s: float = 0.0
     tools_s: float = 0.0
-    tool_rounds: int = 0
-    engine_s: float = 0.0  # ARPO: RoundDriver.run
-    generator_s: float = 0.0  # ARPO: TransformersGenerator.__call__
+    engine_s: float = 0.0  # ARPO: the rollout's wall time (`RolloutResult.seconds`: the driver's run)
+    generator_s: float = 0.0  # ARPO: inside the generator's calls (`RolloutStats.generation_seconds`)
     sampled_tokens: int = 0
     completions: int = 0
     groups: int = 0
@@ -152,8 +161,47 @@ def _patch(cls: type, name: str, make) -> None:
     setattr(cls, name, wrapper)
 
 
+def add_rollout(rec: StepRecord, result: RolloutResult, num_generations: int) -> None:
+    """Add one ARPO rollout's figures, read from its result, to `rec`."""
+    trajs, stats = result.trajectories, result.stats
+    rec.rollout_s += result.seconds
+    rec.engine_s += result.seconds
+    rec.generator_s += stats.generation_seconds
+    rec.tools_s += stats.tool_seconds  # the rounds' tool executions (each round's calls run concurrently)
+    rec.completions += len(trajs)
+    rec.groups += len(trajs) // num_generations
+    rec.completion_tokens += sum(len(t.completion_ids) for t in trajs)
+    rec.model_tokens += sum(sum(t.tool_mask) for t in trajs)
+    # Sampled and kept: a branch's tokens after its fork (its prefix is its parent's; a duplicate has none).
+    rec.sampled_tokens += sum(sum(t.tool_mask[t.fork_position or 0 :]) for t in trajs)
+    rec.tool_calls += sum(len(t.tool_events) for t in trajs)
+    rec.tool_executions += stats.tool_executions
+    rec.branches += stats.branches
+    rec.fresh += stats.fresh
+    rec.rounds += stats.rounds
+    for t in trajs:  # who ran the calls: a call in a shared prefix is inherited
+        own = sum(not e.inherited for e in t.tool_events)
+        key = f"executions_by_{t.kind}"
+        rec.extra[key] = rec.extra.get(key, 0) + own
+
+
+def observe_rollouts(trainer: ARPOTrainer) -> None:
+    """Hand each training rollout of `trainer` to the probe active on its thread, through the trainer's
+    `on_rollout` seam (the observer already there still runs first)."""
+    previous = trainer.on_rollout
+
+    def on_rollout(mode: str, result: RolloutResult) -> None:
+        previous(mode, result)
+        probe = active()
+        if probe is not None and mode == "train":
+            add_rollout(probe.current, result, trainer.num_generations)
+
+    trainer.on_rollout = on_rollout
+
+
 def install_probes() -> None:
-    """Wrap (once, process-wide) the methods whose time or output the benchmark reads; inactive outside a step."""
+    """Wrap (once, process-wide) the methods whose figures no result or public hook gives (module docstring);
+    inactive outside a step. ARPO's rollout itself is read with `observe_rollouts`."""
 
     def generate(original):
         def wrapper(self, *args, **kwargs):
@@ -174,9 +222,9 @@ def install_probes() -> None:
 
     _patch(GenerationMixin, "generate", generate)
 
-    def entropy_hook(original):
+    def entropy_hook(original):  # ARPO: no result or metric holds the hook's time
         def wrapper(self, *args, **kwargs):
-            if self._steps is None or active() is None:
+            if self._steps is None or active() is None:  # disarmed: a training forward, or a row not measured
                 return original(self, *args, **kwargs)
             with timed("entropy_s"):
                 return original(self, *args, **kwargs)
@@ -195,11 +243,10 @@ def install_probes() -> None:
 
         return make
 
-    _patch(arpo_generation._FirstStop, "__call__", simple("stop_check_s"))
+    _patch(StopStringCriteria, "__call__", simple("stop_check_s"))
     _patch(StopStringCriteria, "__init__", simple("stop_init_s"))
-    _patch(RoundDriver, "run", simple("engine_s"))
 
-    def fill(original):  # the round driver calls it once per round, after the round's results are in
+    def fill(original):  # ARPO: the round driver calls it once per round, after the round's results are in
         def wrapper(self, *args, **kwargs):
             probe = active()
             if probe is not None and not getattr(self, "_bench_tree_done", False):
@@ -211,32 +258,6 @@ def install_probes() -> None:
         return wrapper
 
     _patch(RolloutTree, "fill", fill)
-
-    def executor_run(original):
-        def wrapper(self, calls, *args, **kwargs):  # (calls, toolsets): the toolsets of environment tools
-            probe = active()
-            with timed("tools_s"):
-                results = original(self, calls, *args, **kwargs)
-            if probe is not None:
-                probe.current.tool_rounds += 1
-            return results
-
-        return wrapper
-
-    _patch(ToolExecutor, "run", executor_run)
-
-    def generator_call(original):
-        def wrapper(self, prefixes, max_new_tokens, need_entropy=None):
-            probe = active()
-            with timed("generator_s"):
-                segments = original(self, prefixes, max_new_tokens, need_entropy)
-            if probe is not None:
-                probe.current.sampled_tokens += sum(len(s.ids) for s in segments)
-            return segments
-
-        return wrapper
-
-    _patch(TransformersGenerator, "__call__", generator_call)
 
     def single_turn(original):  # TRL's GRPOTrainer: every generate of its rollout and tool loop goes through here
         def wrapper(self, *args, **kwargs):
@@ -263,40 +284,29 @@ def install_probes() -> None:
 
     _patch(GRPOTrainer, "_tool_call_loop", tool_loop)
 
-    def rollout(original):
+    def rollout(original):  # TRL's GRPOTrainer (ARPOTrainer's rollout comes through `observe_rollouts`)
         def wrapper(self, prompts):
             probe = active()
+            if probe is None or isinstance(self, ARPOTrainer):
+                return original(self, prompts)
             with timed("rollout_s"):
                 out = original(self, prompts)
-            if probe is not None:
-                rec = probe.current
-                _, completion_ids, tool_mask, *_ = out
-                rec.completions += len(completion_ids)
-                rec.groups += len(completion_ids) // self.num_generations
-                rec.completion_tokens += sum(len(ids) for ids in completion_ids)
-                rec.model_tokens += sum(
-                    sum(mask) if mask is not None else len(ids)
-                    for ids, mask in zip(completion_ids, tool_mask or [None] * len(completion_ids))
-                )
-                if isinstance(self, ARPOTrainer):
-                    record = self.last_rollout
-                    rec.tool_calls += sum(len(t.tool_events) for t in record.trajectories)
-                    rec.tool_executions += record.stats.tool_executions
-                    rec.branches += record.stats.branches
-                    rec.fresh += record.stats.fresh
-                    rec.rounds += record.stats.rounds
-                    for t in record.trajectories:  # who ran the calls: a call in a shared prefix is inherited
-                        own = sum(not e.inherited for e in t.tool_events)
-                        key = f"executions_by_{t.kind}"
-                        rec.extra[key] = rec.extra.get(key, 0) + own
+            rec = probe.current
+            _, completion_ids, tool_mask, *_ = out
+            rec.completions += len(completion_ids)
+            rec.groups += len(completion_ids) // self.num_generations
+            rec.completion_tokens += sum(len(ids) for ids in completion_ids)
+            rec.model_tokens += sum(
+                sum(mask) if mask is not None else len(ids)
+                for ids, mask in zip(completion_ids, tool_mask or [None] * len(completion_ids))
+            )
             return out
 
         return wrapper
 
     _patch(GRPOTrainer, "_generate", rollout)
-    _patch(ARPOTrainer, "_generate", rollout)
 
-    def rewards(original):
+    def rewards(original):  # TRL's, which ARPOTrainer scores with too
         def wrapper(self, *args, **kwargs):
             out = original(self, *args, **kwargs)
             probe = active()
@@ -316,7 +326,7 @@ def timed_tool(fn):
     def wrapper(*args, **kwargs):
         probe = active()
         if probe is None or isinstance(getattr(_ACTIVE, "trainer", None), ARPOTrainer):
-            return fn(*args, **kwargs)  # ARPO's tool time is the wall time of its concurrent executor round
+            return fn(*args, **kwargs)  # ARPO's tool time is its result's: each round's concurrent calls, wall time
         with timed("tools_s"):
             return fn(*args, **kwargs)
 

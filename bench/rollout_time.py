@@ -10,16 +10,20 @@ driver), repeated under every combination of
     - a competing load started here (``--loads``: 0 and 2 busy Python processes, ended by their pids afterwards),
 and split into generation (the generator's calls), tool calls (the executor's rounds), sandbox start-up (for the
 sandboxed interpreter: the calls times the median cost of an empty program in the same sandbox, measured in the same
-process right after) and the rest (the tree's bookkeeping: decisions, tokenising results). Beside each: the
-process's CPU seconds (user + system) per wall second, its involuntary context switches, and the load average.
+process right after) and the rest (the tree's bookkeeping: decisions, tokenising results; around the driver, the
+prompts' tokenisation, the completions' decoding and the metrics). Beside each: the process's CPU seconds (user +
+system) per wall second, its involuntary context switches, and the load average.
 
 ``throughput``: ARPO's rollout against GRPO's (N = M, no branching) on the asynchronous vLLM driver with enough
 prompts that the engine is throughput-bound (``--throughput-prompts``, default 16, × M = 8), on one engine in one
 process, rollouts only (no training step), alternating A B A B so both see the same background load.
 
 Every figure is printed with the 1-minute load average beside it: this machine is shared, and under load the
-figures move. The split is read from outside (instance attributes of one trainer wrapped here, nothing of
-arpo_trl patched).
+figures move. Each rollout's figures are read from its `RolloutResult`, which the trainer hands to its
+`on_rollout` seam (`arpo_trl.testing.record_rollouts`); nothing of arpo_trl is patched. ``threads``: the wall time
+is the trainer's whole `_generate`, split with `stats.generation_seconds`, `stats.tool_seconds` and
+`stats.tool_executions` (the result's own `seconds`, the driver's run, is kept beside it). ``throughput``: the
+result's `seconds` (after the weight sync, tools included).
 
     python bench/rollout_time.py                                   # both parts, the demo model
     python bench/rollout_time.py --parts threads --task tiny       # the mechanism, on the tiny test model
@@ -63,9 +67,10 @@ def assets(task: str, prompts: int):
     if task == "demo":
         from transformers import AutoModelForCausalLM
 
-        from arpo_trl.data import to_conversational
-        from arpo_trl.demo import DEMO_SYSTEM_PROMPT, arithmetic, default_cold_start
+        from arpo_trl.cold_start import default_cold_start
+        from arpo_trl.data import arithmetic, to_conversational
         from arpo_trl.models import load_tokenizer
+        from arpo_trl.prompts import DEMO_SYSTEM_PROMPT
         from arpo_trl.rewards import arpo_f1_reward
         from arpo_trl.tools import PythonInterpreter
 
@@ -90,10 +95,12 @@ def assets(task: str, prompts: int):
 
 
 def make_trainer(opts, n: int, use_vllm: bool, prompts: int):
+    """(trainer, the batch as TRL passes it, tool, the list each of the trainer's `RolloutResult`s is appended to)."""
     import transformers
     from datasets import Dataset
 
     from arpo_trl import ARPOConfig, ARPOTrainer
+    from arpo_trl.testing import record_rollouts
 
     tok, model, _, prompt_list, tool, reward = assets(opts.task, prompts)
     m = opts.num_generations
@@ -127,34 +134,7 @@ def make_trainer(opts, n: int, use_vllm: bool, prompts: int):
     )  # fmt: skip
     trainer.model.train()
     batch = [p for p in prompt_list for _ in range(m)]  # TRL repeats each prompt M times, contiguously
-    return trainer, batch, tool
-
-
-class Split:
-    """Wall time inside the generator's calls and the executor's rounds (instance attributes wrapped)."""
-
-    def __init__(self, trainer) -> None:
-        self.generation = self.tools = 0.0
-        self.calls = 0
-        gen, run = trainer.generator, trainer.tool_executor.run
-
-        def timed_gen(*a, **k):
-            t = time.perf_counter()
-            try:
-                return gen(*a, **k)
-            finally:
-                self.generation += time.perf_counter() - t
-
-        def timed_run(calls, *a, **k):
-            t = time.perf_counter()
-            try:
-                return run(calls, *a, **k)
-            finally:
-                self.tools += time.perf_counter() - t
-                self.calls += len(calls)
-
-        trainer.generator = timed_gen
-        trainer.tool_executor.run = timed_run
+    return trainer, batch, tool, record_rollouts(trainer)
 
 
 def rollout_once(trainer, batch, seed: int) -> float:
@@ -183,8 +163,7 @@ def child_threads(opts) -> dict:
     """Every (torch threads, competing load) combination in this process (its OMP_WAIT_POLICY fixed at start)."""
     import torch
 
-    trainer, batch, tool = make_trainer(opts, opts.initial_rollouts, False, opts.prompts)
-    split = Split(trainer)
+    trainer, batch, tool, results = make_trainer(opts, opts.initial_rollouts, False, opts.prompts)
     rows = []
     for threads, load in itertools.product(ints(opts.threads), ints(opts.loads)):
         torch.set_num_threads(threads)
@@ -193,18 +172,18 @@ def child_threads(opts) -> dict:
             rollout_once(trainer, batch, opts.seed)  # warm-up at this thread count (first-call costs left out)
             records = []
             for _ in range(opts.rollouts):
-                split.generation = split.tools = 0.0
-                split.calls = 0
                 ru0, load_before = resource.getrusage(resource.RUSAGE_SELF), load1()
                 wall = rollout_once(trainer, batch, opts.seed)
                 ru1 = resource.getrusage(resource.RUSAGE_SELF)
-                rec = trainer.last_rollout
+                rec = results[-1]
+                generation, tools = rec.stats.generation_seconds, rec.stats.tool_seconds
                 records.append({
                     "wall_s": wall,
-                    "generation_s": split.generation,
-                    "tool_s": split.tools,
-                    "other_s": wall - split.generation - split.tools,
-                    "tool_calls": split.calls,
+                    "rollout_s": rec.seconds,
+                    "generation_s": generation,
+                    "tool_s": tools,
+                    "other_s": wall - generation - tools,
+                    "tool_calls": rec.stats.tool_executions,
                     "rounds": rec.stats.rounds,
                     "tokens": sum(sum(t.tool_mask) for t in rec.trajectories),
                     "cpu_per_wall": (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / wall,
@@ -238,22 +217,23 @@ def child_throughput(opts) -> dict:
 
     torch.set_num_threads(opts.one_threads)
     m = opts.num_generations
-    arpo, batch, _ = make_trainer(opts, opts.initial_rollouts, True, opts.throughput_prompts)
-    engine = arpo.vllm_engine
-    grpo, _, _ = make_trainer_on(opts, engine, m)
-    out: dict = {"arpo": [], "grpo": [], "engine_start_s": engine.start_seconds}
+    arpo, batch, _, arpo_results = make_trainer(opts, opts.initial_rollouts, True, opts.throughput_prompts)
+    backend = arpo.rollout_backend
+    out: dict = {"arpo": [], "grpo": [], "engine_start_s": backend.engine.start_seconds}
     try:
+        grpo, _, _, grpo_results = make_trainer_on(opts, backend, m)
+        results = {"arpo": arpo_results, "grpo": grpo_results}
         for i in range(opts.rollouts):
             for name, tr in (("arpo", arpo), ("grpo", grpo)) if i % 2 == 0 else (("grpo", grpo), ("arpo", arpo)):
                 before = load1()
                 wall = rollout_once(tr, batch, opts.seed)
-                rec = tr.last_rollout
+                rec = results[name][-1]
                 logged = {k: v[-1] for k, v in tr._metrics["train"].items() if v}
                 out[name].append({
                     "wall_s": wall,
-                    "rollout_s": logged.get("arpo/rollout_seconds"),
+                    "rollout_s": rec.seconds,  # the driver's run (after the weight sync), tools included
                     "weight_sync_s": logged.get("vllm/weight_sync_s"),
-                    "tool_s_summed": logged.get("tools/seconds"),
+                    "tool_s_summed": rec.stats.tool_seconds,  # summed over calls: they overlap
                     "requests": rec.stats.rounds,
                     "tool_executions": rec.stats.tool_executions,
                     "sampled_tokens": sum(sum(t.tool_mask[t.fork_position or 0 :]) for t in rec.trajectories),
@@ -262,17 +242,22 @@ def child_throughput(opts) -> dict:
                 })  # fmt: skip
                 print(f"  {name} rollout {i}: {out[name][-1]['rollout_s']:.1f} s (load {before:.1f})", flush=True)
     finally:
-        engine.shutdown()
+        backend.close()  # the engine's owner: its processes end here
     return out
 
 
-def make_trainer_on(opts, engine, n: int):
-    """A second trainer (GRPO: N = M) driving the first one's engine: built on transformers, then handed the engine
-    (its `_generate` takes the asynchronous driver whenever it has one), so one engine serves both."""
-    trainer, batch, tool = make_trainer(opts, n, False, opts.throughput_prompts)
-    trainer.vllm_engine = engine
-    trainer._last_loaded_step = trainer.state.global_step  # the engine holds these very weights (same checkpoint)
-    return trainer, batch, tool
+def make_trainer_on(opts, backend, n: int):
+    """A second trainer (GRPO: N = M) driving the first one's engine: built on transformers, then handed a copy of
+    the first one's vLLM backend (the same engine, sampling settings and entropy estimator; the asynchronous
+    driver), so one engine serves both."""
+    import copy
+
+    trainer, batch, tool, results = make_trainer(opts, n, False, opts.throughput_prompts)
+    shared = copy.copy(backend)
+    shared.owned = False  # `close` leaves the engine to the first trainer's backend
+    shared.loaded_step = trainer.state.global_step  # the engine holds these very weights (same checkpoint)
+    trainer.rollout_backend = shared
+    return trainer, batch, tool, results
 
 
 # --------------------------------------------------------------------------------------------------- the parent

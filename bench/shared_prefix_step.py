@@ -40,10 +40,10 @@ Each variant runs in its own process, one after another, so its peak memory is i
   colocated ARPO engine runs in processes of its own, TRL's colocated engine inside the trainer's).
 - `trainer.state.log_history`: `arpo/forward_token_ratio` (packed / padded tokens of each loss forward),
   `arpo/rollout_seconds`, `vllm/weight_sync_s`, TRL's completion lengths and reward.
-- Tokens: each ARPO step's rows (`trainer.last_rollout`) are laid out as TRL pads them (one micro-batch of the
-  whole generation batch here) and folded with `arpo_trl.shared_prefix.pack_rows`, for the packed and padded
-  counts of every variant, the per-row ones included (the metric is logged only with the shared forward on, and
-  must agree).
+- Tokens: each ARPO step's rows (the step's `RolloutResult`, through the trainer's `on_rollout` seam:
+  `arpo_trl.testing.record_rollouts`) are laid out as TRL pads them (one micro-batch of the whole generation batch
+  here) and folded with `arpo_trl.shared_prefix.pack_rows`, for the packed and padded counts of every variant, the
+  per-row ones included (the metric is logged only with the shared forward on, and must agree).
 
     python bench/shared_prefix_step.py                           # both settings, all variants, and --bound
     python bench/shared_prefix_step.py --settings bench --variants arpo-sp,arpo-rows --steps 2
@@ -261,9 +261,10 @@ def long_system_prompt(base: str) -> str:
 def demo_assets(setting: str, opts):
     """The demo's cold-started model (as bench/vllm_rollout.py), arithmetic prompts with the setting's system prompt,
     the F1 reward."""
-    from arpo_trl.data import to_conversational
-    from arpo_trl.demo import DEMO_SYSTEM_PROMPT, arithmetic, default_cold_start
+    from arpo_trl.cold_start import default_cold_start
+    from arpo_trl.data import arithmetic, to_conversational
     from arpo_trl.models import load_tokenizer, resolve_model_path
+    from arpo_trl.prompts import DEMO_SYSTEM_PROMPT
     from arpo_trl.rewards import arpo_f1_reward
 
     path = str(resolve_model_path(opts.model)) if opts.model else default_cold_start()
@@ -364,12 +365,12 @@ def _reset_peak() -> bool:
         return False
 
 
-def step_tokens(record, pad_id: int, max_tokens: int) -> dict[str, float]:
-    """The step's rows laid out as TRL pads them (one micro-batch) and folded by `pack_rows`."""
+def step_tokens(result, pad_id: int, max_tokens: int) -> dict[str, float]:
+    """The step's rows (a `RolloutResult`) laid out as TRL pads them (one micro-batch) and folded by `pack_rows`."""
     from arpo_trl.shared_prefix import pack_rows
 
-    prompts = record.prompt_ids
-    completions = [t.completion_ids for t in record.trajectories]
+    prompts = result.prompt_ids
+    completions = [t.completion_ids for t in result.trajectories]
     pw, cw = max(map(len, prompts)), max(map(len, completions))
     ids, mask = [], []
     for p, c in zip(prompts, completions):
@@ -393,7 +394,11 @@ def run_variant(setting: str, variant: str, opts) -> dict:
     out_dir = tempfile.mkdtemp(prefix=f"arpo-sp-{setting}-{variant}-")
     trainer = build_trainer(setting, variant, opts, out_dir)
     init_s = time.perf_counter() - t0
-    is_arpo = hasattr(trainer, "last_rollout")
+    is_arpo = hasattr(trainer, "rollout_backend")  # an ARPOTrainer, not TRL's GRPOTrainer
+    if is_arpo:
+        from arpo_trl.testing import record_rollouts
+
+        rollouts = record_rollouts(trainer)  # each RolloutResult, in order
     args = trainer.args
     has_old = (opts.backend == "vllm") or args.num_iterations > 1
     has_ref = args.beta != 0.0
@@ -425,19 +430,20 @@ def run_variant(setting: str, variant: str, opts) -> dict:
             rec["peak_rss_mib"] = _status_mib("VmHWM")
             rec["rss_begin_mib"] = self.rss_begin
             if is_arpo:
-                rec.update(step_tokens(trainer.last_rollout, pad_id, opts.max_tokens))
+                rec.update(step_tokens(rollouts[-1], pad_id, opts.max_tokens))
             records.append(rec)
             print(f"  {setting}/{variant} step {state.global_step}: {rec['step_s']:.1f} s", flush=True)
 
     for quiet in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(quiet)
     trainer.add_callback(Clock())
-    engine = getattr(trainer, "vllm_engine", None)
+    backend = getattr(trainer, "rollout_backend", None)  # ARPO's; TRL's GRPOTrainer keeps its own engine
+    engine = getattr(backend, "engine", None)  # the vLLM backend's
     try:
         trainer.train()
     finally:
-        if engine is not None:
-            engine.shutdown()
+        if backend is not None:
+            backend.close()
     logged = {e["step"]: e for e in trainer.state.log_history if "step" in e and "loss" in e}
     for rec in records:
         entry = logged.get(rec["step"], {})
@@ -481,7 +487,7 @@ def bound_case(opts, which: str) -> dict:
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from arpo_trl.demo import default_cold_start
+    from arpo_trl.cold_start import default_cold_start
     from arpo_trl.models import resolve_model_path
     from arpo_trl.shared_prefix import pack_rows, shared_prefix_logps
 
@@ -796,8 +802,8 @@ def main(argv=None) -> dict:
     med = {s: {v: medians(r, opts.warmup) for v, r in vs.items()} for s, vs in runs.items()}
     for setting, s in med.items():
         add_derived(s, opts.num_generations * prompts_per_step(setting, opts))
-    from arpo_trl.demo import DEMO_SYSTEM_PROMPT
     from arpo_trl.models import load_tokenizer, resolve_model_path
+    from arpo_trl.prompts import DEMO_SYSTEM_PROMPT
 
     tokenizer = load_tokenizer(str(resolve_model_path(opts.model or "embedded:smollm2-135m-instruct")))
     long_tokens = len(tokenizer.encode(long_system_prompt(DEMO_SYSTEM_PROMPT)))

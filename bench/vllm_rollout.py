@@ -21,8 +21,9 @@ Everything is read through public hooks; no method of arpo_trl, TRL or vLLM is p
   `vllm/weight_sync_s`, `vllm/prefix_cache_hit_rate`, `vllm/fork_prefix_cache_hit_rate`, `tools/seconds` (tool time
   summed over calls), `arpo/generation_rounds`, `completions/mean_length`, TRL's reward and IS-ratio metrics;
 - a `TrainerCallback`: step wall time (`on_step_begin` → `on_step_end`), and at each step's end the engine's
-  entropy timer (`VLLMEngine.entropy_stats`, a per-step difference) and `trainer.last_rollout` (the step's tree:
-  sampled tokens, tool depth, forks' prefix lengths);
+  entropy timer (`VLLMEngine.entropy_stats`, a per-step difference) and the step's `RolloutResult` (its tree:
+  sampled tokens, tool depth, forks' prefix lengths), which the trainer hands to its `on_rollout` seam
+  (`arpo_trl.testing.record_rollouts`);
 - TRL's `GRPOTrainer` logs no rollout time (its `profiling_context` reports to wandb / mlflow / trackio only, not
   to `log_history`), so its rollout is timed by a subclass around `_generate` minus the weight sync, the scope of
   ARPO's `arpo/rollout_seconds`.
@@ -55,6 +56,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback  # n
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from arpo_trl import ARPOConfig, ARPOTrainer  # noqa: E402
+from arpo_trl.testing import record_rollouts  # noqa: E402
 from arpo_trl.tools import PythonInterpreter  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -100,9 +102,10 @@ FIGURES = [
 def demo_assets(opts):
     """As `make demo` and `bench/arpo_vs_grpo.py --task demo`: the cold-started SmolLM2-135M (or `--model`), fresh
     arithmetic problems with the demo's system prompt, the paper's F1 reward."""
-    from arpo_trl.data import to_conversational
-    from arpo_trl.demo import DEMO_SYSTEM_PROMPT, arithmetic, default_cold_start
+    from arpo_trl.cold_start import default_cold_start
+    from arpo_trl.data import arithmetic, to_conversational
     from arpo_trl.models import load_tokenizer, resolve_model_path
+    from arpo_trl.prompts import DEMO_SYSTEM_PROMPT
     from arpo_trl.rewards import arpo_f1_reward
 
     path = str(resolve_model_path(opts.model)) if opts.model else default_cold_start()
@@ -234,8 +237,10 @@ def run_variant(variant: str, opts) -> dict:
     out_dir = tempfile.mkdtemp(prefix=f"arpo-bench-{variant}-")
     trainer = build_trainer(variant, opts, out_dir)
     init_s = time.perf_counter() - t0
-    engine = getattr(trainer, "vllm_engine", None)
+    backend = getattr(trainer, "rollout_backend", None)  # ARPO's; TRL's GRPOTrainer keeps its own engine
+    engine = getattr(backend, "engine", None)  # ARPO's vLLM engine (None on transformers)
     block = engine.block_size if engine is not None else None
+    rollouts = record_rollouts(trainer) if isinstance(trainer, ARPOTrainer) else []  # each RolloutResult
     records: list[dict] = []
 
     class Clock(TrainerCallback):
@@ -249,7 +254,7 @@ def run_variant(variant: str, opts) -> dict:
             if engine is not None:
                 rec["entropy_s"] = engine.entropy_stats()["seconds"] - self.entropy
             if isinstance(trainer, ARPOTrainer):
-                rec.update(tree_figures(trainer.last_rollout, block))
+                rec.update(tree_figures(rollouts[-1], block))
             else:  # the TRL subclass's own accumulators
                 for key in ("rollout_s", "weight_sync_s"):
                     rec[key] = trainer.bench[key] - self.bench.get(key, 0.0)
@@ -262,8 +267,8 @@ def run_variant(variant: str, opts) -> dict:
     try:
         trainer.train()
     finally:
-        if engine is not None:
-            engine.shutdown()
+        if backend is not None:
+            backend.close()
     logged = {e["step"]: e for e in trainer.state.log_history if "step" in e and "loss" in e}
     for rec in records:
         merge_logged(rec, logged.get(rec["step"], {}), opts)
@@ -278,14 +283,15 @@ def run_variant(variant: str, opts) -> dict:
     }
 
 
-def tree_figures(record, block: int | None) -> dict:
-    """What the step's tree says (`trainer.last_rollout`): sampled tokens, tool depth and executions, forks'
-    prefix lengths and how many of their tokens the block size lets vLLM serve from its cache."""
-    trajs = record.trajectories
+def tree_figures(result, block: int | None) -> dict:
+    """What the step's tree says (its `RolloutResult`): sampled tokens, tool depth and executions, forks' prefix
+    lengths and how many of their tokens the block size lets vLLM serve from its cache."""
+    trajs = result.trajectories
     sampled = sum(sum(t.tool_mask[t.fork_position or 0 :]) for t in trajs)
     depth = max((len(t.tool_events) for t in trajs), default=0)
-    out = {"sampled_tokens": sampled, "tool_depth": depth, "tool_executions": record.stats.tool_executions}
-    forks = [len(record.prompt_ids[t.slot]) + t.fork_position for t in trajs if t.kind == "branch"]
+    out = {"sampled_tokens": sampled, "tool_depth": depth, "tool_executions": result.stats.tool_executions}
+    # A fork's prefix: its prompt (a branch's is its parent's) and the completion up to the fork.
+    forks = [len(t.prompt_ids) + t.fork_position for t in trajs if t.kind == "branch"]
     if forks and block:
         # vLLM serves whole blocks of a prompt from its cache, never the prompt's last token (its logits are needed).
         out["fork_cacheable"] = sum((n - 1) // block * block for n in forks) / sum(forks)
