@@ -7,8 +7,12 @@
 - `CountingGenerator` and `rollout`: the round driver's own scripted generator (random but seeded entropies; it logs
   each call's rows and which of them needed entropies) and a round-driver rollout over it.
 - `ScriptedTurns` and `tool_call`: chosen assistant turns in the chat-template tool format, for trainer tests.
+- `Counter`: a stateful environment whose tool answers with its name and its call count.
 - The guessing game of tests/rollout/test_per_root_prompts.py (`GuessEnv`, `PromptScript`, `train_guessing`, ...),
   which the vLLM variant of those tests reuses.
+- `fake_trainer`: what TRL's tool-suffix code reads from a `GRPOTrainer`; `chat_protocol`: a chat-template protocol
+  over it.
+- `launch_two_ranks`: the 2-rank `accelerate launch` of tests/scripts/distributed_train.py.
 """
 
 import asyncio
@@ -257,6 +261,32 @@ def tool_call(name: str, **arguments) -> str:
     return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}) + "\n</tool_call>"
 
 
+# --------------------------------------------------------------------------------------------- a stateful environment
+
+
+class Counter:
+    """A stateful environment: its tool answers with its name and how often it was called."""
+
+    limit = 3  # a class attribute, not a tool
+
+    def __init__(self, name):
+        self.name, self.count = name, 0
+
+    def calc(self, expression: str) -> str:
+        """Count a call."""
+        self.count += 1
+        return f"{self.name}{self.count - 1}"
+
+    def reset(self, **kwargs):
+        return None
+
+    def get_reward(self):
+        return 0.0
+
+    def _private(self):
+        return None
+
+
 # ------------------------------------------------------------------------------- the guessing game (per-root prompts)
 
 
@@ -472,6 +502,23 @@ def fake_trainer(tok):
     return types.SimpleNamespace(
         processing_class=tok, _tokenizer=tok, chat_template=template, chat_template_kwargs={}, _is_vlm=False
     )
+
+
+def chat_protocol(with_schema=True):
+    """A chat-template protocol over the Qwen2.5 template (with TRL's response schema, or without), as TRL's
+    trainer would hold it, and its tokenizer."""
+    from trl.chat_template_utils import add_response_schema
+
+    from arpo_trl.rollout.protocols import ChatTemplateProtocol
+    from arpo_trl.testing import chat_template_tokenizer
+
+    tok = chat_template_tokenizer()
+    trainer = fake_trainer(add_response_schema(tok) if with_schema else tok)
+    trainer.tools = [calc]
+    protocol = ChatTemplateProtocol(trainer)
+    protocol.prompt_ids = [tok.apply_chat_template([{"role": "user", "content": "Add 1 and 2."}],
+                                                   add_generation_prompt=True, tokenize=True, return_dict=False)]  # fmt: skip
+    return protocol, trainer._tokenizer
 
 
 # ------------------------------------------------------------ two ranks under accelerate launch (test_distributed.py)

@@ -1,3 +1,6 @@
+import re
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -83,3 +86,26 @@ def test_shape_errors_are_clear():
         hard_attribution(torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2), torch.zeros(3), 2)
     with pytest.raises(ValueError, match="advantages"):
         hard_attribution(torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2), torch.zeros(3), 2)
+
+
+# -------------------------- tests written for mutants that survived `make mutate` (tests/README.md, "Mutation testing")
+
+
+@pytest.mark.parametrize("ids_shape, mask_shape", [((2, 3), (2, 4)), ((2, 3, 1), (2, 3, 1))])
+def test_hard_attribution_names_both_shapes_when_ids_and_mask_disagree(ids_shape, mask_shape):
+    """Either condition alone is refused (2-D but different shapes; same shapes but not 2-D), and the message
+    gives both shapes."""
+    ids, mask = torch.zeros(ids_shape, dtype=torch.long), torch.ones(mask_shape)
+    expected = f"must both be (B, T); got {tuple(ids_shape)} and {tuple(mask_shape)}"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        hard_attribution(ids, mask, torch.zeros(2), group_size=2)
+
+
+def test_hard_attribution_returns_on_the_advantages_device_whatever_the_default_device():
+    """The output is allocated where the advantages live (on GPU: the trainer's device), not on torch's default."""
+    ids = torch.tensor([[1, 2], [1, 3]])
+    advantages = torch.tensor([1.0, -1.0])
+    with torch.device("meta"):
+        out = hard_attribution(ids, torch.ones(2, 2, device="cpu"), advantages, group_size=2)
+    assert out.device == advantages.device
+    assert out.tolist() == [[0.0, 1.0], [0.0, -1.0]]

@@ -4,7 +4,7 @@ tests/test_async_engine.py stands in for the generator and for vLLM)."""
 import pytest
 from fakes import ScriptedEngine, ScriptedGenerator, settings
 
-from arpo_trl.rollout.branching import BranchPolicy
+from arpo_trl.rollout.branching import BranchPolicy, branch_probability
 from arpo_trl.rollout.protocols import TagProtocol
 from arpo_trl.rollout.round_driver import RoundDriver
 from arpo_trl.rollout.stream_driver import StreamDriver
@@ -45,3 +45,46 @@ def test_without_rounds_each_decision_of_the_prompt_is_a_round(tokenizer):
     assert len(seen) >= 3
     # fork (c = 0 → 1), no fork (c = 1 → 0), fork, ...: one prompt, decisions in order
     assert seen == [i % 2 for i in range(len(seen))]
+
+
+# ------------------------------------------------------------------------ the branch probability and the policy's rules
+
+
+def test_branch_probability_is_clipped_linear():
+    assert branch_probability(0.0, 0.5, 0.2) == 0.5
+    assert branch_probability(1.0, 0.5, 0.2) == pytest.approx(0.7)
+    assert branch_probability(10.0, 0.5, 0.2) == 1.0
+    assert branch_probability(-10.0, 0.5, 0.2) == 0.0
+
+
+@pytest.mark.parametrize("delta_h", [-5.0, 0.0, 5.0])
+def test_alpha_beta_zero_never_forks_and_alpha_one_beta_zero_always_forks(delta_h):
+    never, always = BranchPolicy(0.0, 0.0, seed=1), BranchPolicy(1.0, 0.0, seed=1)
+    assert not any(never.decide(delta_h).fork for _ in range(500))
+    assert all(always.decide(delta_h).fork for _ in range(500))
+
+
+def test_bernoulli_rule_forks_at_the_documented_rate():
+    policy = BranchPolicy(0.5, 0.2, seed=0)
+    rate = sum(policy.decide(1.0).fork for _ in range(20000)) / 20000
+    assert rate == pytest.approx(0.7, abs=0.015)
+
+
+def test_threshold_rule_is_the_papers_deterministic_comparison():
+    policy = BranchPolicy(0.5, 0.2, rule="threshold", threshold=0.5)
+    assert policy.decide(0.01).fork and not policy.decide(0.0).fork and not policy.decide(-1).fork
+
+
+def test_seeded_policy_is_reproducible():
+    a, b = BranchPolicy(0.5, 0.2, seed=7), BranchPolicy(0.5, 0.2, seed=7)
+    assert [a.decide(0.3).fork for _ in range(50)] == [b.decide(0.3).fork for _ in range(50)]
+
+
+# -------------------------- tests written for mutants that survived `make mutate` (tests/README.md, "Mutation testing")
+
+
+def test_threshold_rule_defaults_to_one_half_and_unknown_rules_are_named():
+    policy = BranchPolicy(0.3, 0.2, rule="threshold")
+    assert policy.decide(1.1).fork and not policy.decide(0.9).fork  # α + β·ΔH = 0.52 and 0.48 against 0.5
+    with pytest.raises(ValueError, match="^unknown branch rule 'coin'$"):
+        BranchPolicy(0.3, 0.2, rule="coin")

@@ -1,40 +1,20 @@
+"""Token and window entropies and the LM-head recorder (`arpo_trl/rollout/entropy.py`): Eq. 3 and its
+normalisations, the hook against a teacher-forced recompute (exact and the official top-k estimate), each model
+family's own logit transform."""
+
 import math
 
 import pytest
 import torch
 
-from arpo_trl.rollout.branching import BranchPolicy, branch_probability
-from arpo_trl.rollout.entropy import EntropyRecorder, token_entropy, truncated_entropy, window_entropy
-
-
-def test_branch_probability_is_clipped_linear():
-    assert branch_probability(0.0, 0.5, 0.2) == 0.5
-    assert branch_probability(1.0, 0.5, 0.2) == pytest.approx(0.7)
-    assert branch_probability(10.0, 0.5, 0.2) == 1.0
-    assert branch_probability(-10.0, 0.5, 0.2) == 0.0
-
-
-@pytest.mark.parametrize("delta_h", [-5.0, 0.0, 5.0])
-def test_alpha_beta_zero_never_forks_and_alpha_one_beta_zero_always_forks(delta_h):
-    never, always = BranchPolicy(0.0, 0.0, seed=1), BranchPolicy(1.0, 0.0, seed=1)
-    assert not any(never.decide(delta_h).fork for _ in range(500))
-    assert all(always.decide(delta_h).fork for _ in range(500))
-
-
-def test_bernoulli_rule_forks_at_the_documented_rate():
-    policy = BranchPolicy(0.5, 0.2, seed=0)
-    rate = sum(policy.decide(1.0).fork for _ in range(20000)) / 20000
-    assert rate == pytest.approx(0.7, abs=0.015)
-
-
-def test_threshold_rule_is_the_papers_deterministic_comparison():
-    policy = BranchPolicy(0.5, 0.2, rule="threshold", threshold=0.5)
-    assert policy.decide(0.01).fork and not policy.decide(0.0).fork and not policy.decide(-1).fork
-
-
-def test_seeded_policy_is_reproducible():
-    a, b = BranchPolicy(0.5, 0.2, seed=7), BranchPolicy(0.5, 0.2, seed=7)
-    assert [a.decide(0.3).fork for _ in range(50)] == [b.decide(0.3).fork for _ in range(50)]
+from arpo_trl.rollout.entropy import (
+    EntropyRecorder,
+    output_logit_transform,
+    token_entropy,
+    truncated_entropy,
+    truncated_token_entropy,
+    window_entropy,
+)
 
 
 def test_window_entropy_normalisations():
@@ -213,3 +193,101 @@ def test_hook_applies_the_models_own_logit_scaling_and_softcapping(family):
     hooked = recorder.disarm()[0]
     expected = token_entropy(torch.stack(out.logits, 1)[0], 0.8)
     torch.testing.assert_close(hooked, expected, atol=1e-4, rtol=1e-4)
+
+
+# -------------------------- tests written for mutants that survived `make mutate` (tests/README.md, "Mutation testing")
+
+
+def _entropy_by_definition(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    return -(p * torch.log(p.clamp_min(1e-300))).sum(-1).float()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_token_entropy_divides_by_any_temperature(temperature):
+    logits = torch.randn(3, 50) * 3
+    torch.testing.assert_close(token_entropy(logits, temperature), _entropy_by_definition(logits, temperature))
+
+
+def test_token_entropy_is_stable_for_large_logits_and_rows_of_different_scales():
+    """Each row is shifted by its own maximum: logits of ±1e3 (past exp's float32 range) and a batch mixing such a
+    row with an ordinary one both give the exact entropies."""
+    big = torch.tensor([[1000.0, 1000.0, 0.0, -1000.0]])
+    assert token_entropy(big).item() == pytest.approx(math.log(2), abs=1e-6)
+    mixed = torch.stack([torch.tensor([2000.0, 2000.0, 1999.0, 0.0]), torch.tensor([0.0, 0.5, 1.0, 1.5])])
+    torch.testing.assert_close(token_entropy(mixed), _entropy_by_definition(mixed))
+
+
+def test_truncated_token_entropy_skips_masked_tokens_and_judges_each_row_apart():
+    """A vocabulary smaller than k (or masked tokens) leaves -inf among the top k: those terms are 0, not NaN or
+    1; whether the sampled token is counted again is decided per row."""
+    logprobs = torch.log_softmax(torch.tensor([[2.0, 1.0, float("-inf")]]), dim=-1)
+    p = logprobs.exp()[0, :2]
+    expected = -(p * p.log()).sum()
+    got = truncated_token_entropy(logprobs, torch.tensor([0]), k=3)
+    torch.testing.assert_close(got, expected.view(1))
+    # Row 0 samples a top-2 token, row 1 a token outside its top 2: only row 1 adds the sampled token's term.
+    rows = torch.log_softmax(torch.tensor([[3.0, 2.0, 1.0, 0.0], [3.0, 2.0, 1.0, 0.0]]), dim=-1)
+    got = truncated_token_entropy(rows, torch.tensor([1, 3]), k=2)
+    q = rows.exp()
+    top2 = -(q[0, :2] * rows[0, :2]).sum()
+    torch.testing.assert_close(got, torch.stack([top2, top2 - q[1, 3] * rows[1, 3]]))
+
+
+def test_window_entropy_names_what_is_wrong():
+    with pytest.raises(ValueError, match="^cannot measure the entropy of an empty window$"):
+        window_entropy([], 3, "mean", 100)
+    with pytest.raises(ValueError, match="^unknown entropy normalization 'max'$"):
+        window_entropy([1.0], 3, "max", 100)
+
+
+@pytest.mark.parametrize(
+    "model_type, fields, expected",
+    [
+        ("falcon_h1", {"lm_head_multiplier": 0.5}, 0.5),  # FalconH1ForCausalLM multiplies by it
+        ("muse_glimmer", {"text_config": {"output_multiplier": 0.25}}, 0.25),  # multiplies before its soft-cap
+        ("hyperclovax", {"logits_scaling": 4.0}, 4.0),  # multiplies (Granite divides)
+        ("granite", {"logits_scaling": 4.0}, 0.25),
+    ],
+)
+def test_output_logit_transform_reads_each_familys_real_config(model_type, fields, expected):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, **fields).get_text_config()
+    assert output_logit_transform(config)[0] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "top_k"])
+def test_an_attached_recorder_leaves_unarmed_forwards_alone(tokenizer, estimator):
+    """Training forwards run through the hooked LM head: disarmed, the recorder records and raises nothing."""
+    from arpo_trl.testing import build_tiny_model
+
+    model = build_tiny_model(tokenizer).eval()
+    recorder = EntropyRecorder(1.0, estimator=estimator)
+    recorder.attach(model)
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]))
+    assert recorder.disarm() is None
+
+
+def test_recorder_applies_a_logit_scale_of_two():
+    logits = torch.randn(2, 1, 30)
+    recorder = EntropyRecorder(1.0, logit_scale=2.0)
+    recorder.arm()
+    recorder(None, (), logits)
+    torch.testing.assert_close(recorder.disarm()[:, 0], token_entropy(2.0 * logits[:, -1]))
+
+
+def test_top_k_recorder_tolerates_ids_that_stop_at_the_resolved_steps():
+    """`disarm(new_ids)` resolves the last step from the generated ids only when they reach past the steps already
+    resolved; ids that stop there (a caller that trimmed them) leave that step out instead of raising."""
+    logits = torch.randn(1, 1, 30)
+    recorder = EntropyRecorder(1.0, estimator="top_k")
+    recorder.arm()
+    for token in (4, 7):
+        recorder(None, (), logits)
+        recorder.see_inputs(None, (torch.tensor([[token]]),))
+    recorder(None, (), logits)  # step 3: its token is only in the generated ids
+    lp = torch.log_softmax(logits[:, -1], dim=-1)
+    two = recorder.disarm(torch.tensor([[4, 7]]))
+    torch.testing.assert_close(two[0], torch.cat([truncated_token_entropy(lp, torch.tensor([t])) for t in (4, 7)]))

@@ -15,6 +15,7 @@ import http.server
 import io
 import json
 import logging
+import re
 import socket
 import sqlite3
 import subprocess
@@ -24,10 +25,16 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
-from fakes import ScriptedTurns, tool_call
+from fakes import Counter, ScriptedTurns, tool_call
 
 from arpo_trl import ARPOConfig, ARPOTrainer
-from arpo_trl.rollout.environments import check_forkable, fork_environment, live_connections
+from arpo_trl.rollout.environments import (
+    NOT_TOOLS,
+    check_forkable,
+    environment_tools,
+    fork_environment,
+    live_connections,
+)
 from arpo_trl.testing import calc_dataset, chat_template_tokenizer
 
 M = 4
@@ -313,3 +320,81 @@ def test_a_remote_environment_with_fork_trains_and_each_branch_plays_its_own_epi
         assert mine[0] == theirs[0] == 1 and mine[1] != theirs[1] and len(mine) == len(theirs) == 2
         results = [m["content"] for m in branch.messages if m["role"] == "tool"]
         assert results == ["1", str(sum(mine))]
+
+
+# -------------------------- tests written for mutants that survived `make mutate` (tests/README.md, "Mutation testing")
+
+
+def test_fork_environment_prefers_fork_then_clone_then_deepcopy():
+    class Both(Counter):
+        def fork(self):
+            return Counter("forked")
+
+        def clone(self):
+            return Counter("cloned")
+
+    class CloneOnly(Counter):
+        def clone(self):
+            return Counter("cloned")
+
+    assert fork_environment(Both("x")).name == "forked"
+    assert fork_environment(CloneOnly("x")).name == "cloned"
+    env = Counter("x")
+    env.count = 3
+    twin = fork_environment(env)
+    assert twin is not env and (twin.name, twin.count) == ("x", 3)
+    twin.calc("1")
+    assert env.count == 3  # independent state
+
+
+@pytest.mark.parametrize("method", ["fork", "clone"])
+def test_a_fork_or_clone_returning_the_same_object_is_refused(method):
+    env = type("Selfish", (Counter,), {method: lambda self: self})("x")
+    with pytest.raises(ValueError, match=re.escape(f"Selfish.{method}() returned the same object; it must return")):
+        fork_environment(env)
+
+
+def test_check_forkable_trusts_fork_and_clone_and_explains_an_uncopyable_environment():
+    class Uncopyable(Counter):
+        def __deepcopy__(self, memo):
+            raise TypeError("holds a socket")
+
+    def needs_reset(self):
+        raise RuntimeError("reset() opens the connection this copies")
+
+    for method in ("fork", "clone"):  # trusted: not probed before reset (the probe would fail)
+        check_forkable(type("Own", (Uncopyable,), {method: needs_reset})("x"))
+    check_forkable(Counter("x"))  # deep-copyable: accepted
+    with pytest.raises(ValueError) as error:
+        check_forkable(Uncopyable("x"))
+    message = str(error.value)
+    assert message.startswith("environment_factory returned a Uncopyable that cannot be copied for a branch ")
+    assert "(TypeError: holds a socket)" in message
+    assert message.endswith(
+        "define a fork() (or clone()) method that returns an independent copy of the environment's state, or "
+        "make it deep-copyable."
+    )
+    assert isinstance(error.value.__cause__, TypeError)
+
+
+def test_environment_tools_are_the_standalone_tools_and_the_public_methods_bound_to_the_instance():
+    def search(query: str) -> str:
+        """Search."""
+        return query
+
+    env = Counter("x")
+    tools = environment_tools(env, [search])
+    assert sorted(tools) == ["calc", "search"]  # not reset/get_reward/fork/clone, nor _private
+    assert set(NOT_TOOLS) == {"reset", "get_reward", "fork", "clone"}
+    assert tools["search"] is search and tools["calc"]("1") == "x0" and env.count == 1
+
+
+def test_environment_copy_hooks_are_not_offered_as_tools():
+    class Hooks(Counter):
+        def fork(self):
+            return Hooks(self.name)
+
+        def clone(self):
+            return Hooks(self.name)
+
+    assert sorted(environment_tools(Hooks("x"), [])) == ["calc"]

@@ -14,11 +14,15 @@ import signal
 import sqlite3
 import threading
 
-from fakes import ScriptedTurns, tool_call
+import pytest
+from fakes import ScriptedTurns, chat_protocol, tool_call
 
 from arpo_trl import ARPOConfig, ARPOTrainer
+from arpo_trl.rollout.protocols import TagProtocol
+from arpo_trl.rollout.trajectory import Trajectory
+from arpo_trl.rollout.tree import Segment
 from arpo_trl.testing import calc_dataset, chat_template_tokenizer
-from arpo_trl.tools import execution_mode
+from arpo_trl.tools import ToolCall, ToolResult, execution_mode
 
 M = 4
 QUERY = "SELECT name, population FROM cities WHERE population > 1000000 ORDER BY name"
@@ -146,3 +150,112 @@ def test_when_every_call_fails_the_log_says_so_once_per_rollout(tool_model, tmp_
     assert warnings[0].startswith("every tool call of this train rollout failed (")
     assert warnings[0].endswith("the last error: Error: tool 'broken' failed: ConnectionError: database is down")
     assert sum(calls) >= 8
+
+
+# -------------------------- tests written for mutants that survived `make mutate` (tests/README.md, "Mutation testing")
+
+
+def test_tag_protocol_hands_rewards_the_turn_as_text_and_appends_results_back_to_back(tokenizer):
+    from arpo_trl.tools import format_result
+
+    protocol = TagProtocol(tokenizer, ["calc"], result_style="official")
+    traj = Trajectory(slot=0, group=0)
+    traj.extend(tokenizer.encode("Sum<calc>1+2</calc>", add_special_tokens=False), sampled=True)
+    traj.extend([tokenizer.eos_token_id], sampled=True)
+    assert protocol.completion(traj, conversational=True) == [{"role": "assistant", "content": "Sum<calc>1+2</calc>"}]
+    assert protocol.completion(traj, conversational=False) == "Sum<calc>1+2</calc>"  # no EOS string
+    two = protocol.result_ids(traj, [], [ToolResult("3"), ToolResult("4")])
+    assert tokenizer.decode(two) == format_result("3", "official") + format_result("4", "official")
+    notice = tokenizer.decode(protocol.limit_notice_ids(traj, [], 2))
+    assert notice.startswith(" <result>\nError: the tool-call limit (2) is reached")  # in the protocol's style
+
+
+def _turn(tok, text, finish="eos"):
+    ids = tok.encode(text, add_special_tokens=False) + ([tok.eos_token_id] if finish == "eos" else [])
+    traj = Trajectory(slot=0, group=0)
+    traj.extend(ids, sampled=True)
+    return traj, Segment(ids, [0.0] * len(ids), finish)
+
+
+def test_chat_protocol_parses_a_turns_tool_calls_as_trl_does_and_names_bad_ones():
+    protocol, tok = chat_protocol()
+    call = '<tool_call>\n{"name": "calc", "arguments": {"expression": "1+2"}}\n</tool_call>'
+    traj, seg = _turn(tok, call)
+    assert protocol.calls(traj, seg) == [ToolCall("calc", {"expression": "1+2"})]
+    assert traj.messages == [{"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "calc", "arguments": {"expression": "1+2"}}}]}]  # fmt: skip
+    traj, seg = _turn(tok, '<tool_call>\n{"name": "calc", "arguments": "1+2"}\n</tool_call>')
+    assert protocol.calls(traj, seg) == [
+        ToolCall("calc", {}, parse_error="Error: arguments of 'calc' are not a JSON object.")
+    ]
+    traj, seg = _turn(tok, call, finish="length")  # cut by the budget: parsed into the turns, not run
+    assert protocol.calls(traj, seg) == [] and traj.messages[0]["tool_calls"]
+    traj, seg = _turn(tok, "The answer is 3.")
+    assert protocol.calls(traj, seg) == [] and traj.messages == [{"role": "assistant", "content": "The answer is 3."}]
+
+
+@pytest.mark.parametrize(
+    "tool_call, expected",
+    [
+        ({"type": "function", "function": {"name": "calc", "arguments": {"expression": "1"}}},
+         ToolCall("calc", {"expression": "1"})),
+        ({"function": {"name": "calc", "arguments": {}}}, ToolCall("calc", {})),  # no type: a function call
+        ({"type": "retrieval", "function": {"name": "calc", "arguments": {}}},
+         ToolCall("calc", {}, parse_error="Error: unsupported tool call type 'retrieval'.")),
+        ({"type": "function"}, ToolCall("unknown", {}, parse_error="Error: arguments of 'unknown' are not a JSON object.")),
+        ({"type": "function", "function": "calc"},
+         ToolCall("unknown", {}, parse_error="Error: arguments of 'unknown' are not a JSON object.")),
+        ({"type": "function", "function": {"name": "", "arguments": []}},
+         ToolCall("unknown", {}, parse_error="Error: arguments of 'unknown' are not a JSON object.")),
+        ("calc(1)", ToolCall("unknown", {}, parse_error="Error: unsupported tool call type 'str'.")),
+    ],
+)  # fmt: skip
+def test_each_parsed_tool_call_becomes_a_call_or_an_error_naming_what_is_wrong(tool_call, expected):
+    from arpo_trl.rollout.protocols import tool_calls_of
+
+    ok = {"type": "function", "function": {"name": "calc", "arguments": {"expression": "2"}}}
+    assert tool_calls_of({"tool_calls": [tool_call, ok]}) == [expected, ToolCall("calc", {"expression": "2"})]
+    assert tool_calls_of({"role": "assistant", "content": "3"}) == tool_calls_of({"tool_calls": None}) == []
+
+
+def test_chat_protocol_types_arguments_with_the_tools_schema():
+    """TRL types a call's arguments with the calling tool's JSON schema ("7" → 7 for an integer parameter)."""
+    protocol, tok = chat_protocol()
+
+    def add(a: int, b: int) -> str:
+        """Add two integers.
+
+        Args:
+            a: the first.
+            b: the second.
+        """
+        return str(a + b)
+
+    protocol.trainer.tools = [add]
+    traj, seg = _turn(tok, '<tool_call>\n{"name": "add", "arguments": {"a": "7", "b": 2}}\n</tool_call>')
+    assert protocol.calls(traj, seg) == [ToolCall("add", {"a": 7, "b": 2})]
+
+
+def test_chat_protocol_without_a_response_schema_keeps_the_turn_as_text():
+    protocol, tok = chat_protocol(with_schema=False)
+    traj, seg = _turn(tok, '<tool_call>\n{"name": "calc", "arguments": {"expression": "1+2"}}\n</tool_call>')
+    assert protocol.calls(traj, seg) == []
+    assert traj.messages == [{"role": "assistant", "content": tok.decode(seg.ids, skip_special_tokens=True)}]
+
+
+def test_chat_protocol_answers_each_call_with_a_tool_turn_and_hands_rewards_the_turns():
+    from arpo_trl.rollout.plain_text import tool_suffix_ids
+
+    protocol, tok = chat_protocol()
+    traj, _ = _turn(tok, "x")
+    calls = [ToolCall("calc", {"expression": "1+2"}), ToolCall("calc", {"expression": "2+2"})]
+    ids = protocol.result_ids(traj, calls, [ToolResult("3"), ToolResult("4")])
+    results = [{"role": "tool", "name": "calc", "content": "3"}, {"role": "tool", "name": "calc", "content": "4"}]
+    assert traj.messages == results and ids == tool_suffix_ids(protocol.trainer, results)
+    notice = protocol.limit_notice_ids(traj, calls[:1], 2)
+    assert traj.messages[-1]["name"] == "calc" and traj.messages[-1]["content"].startswith(
+        "Error: the tool-call limit (2) is reached"
+    )
+    assert notice == tool_suffix_ids(protocol.trainer, [traj.messages[-1]])
+    assert protocol.completion(traj, conversational=True) is traj.messages
+    assert protocol.completion(traj, conversational=False) == "x"

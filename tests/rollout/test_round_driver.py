@@ -3,7 +3,14 @@
 import threading
 
 import pytest
-from fakes import CountingGenerator, assert_forks_share_their_parents_prefix, rollout
+from fakes import Counter, CountingGenerator, assert_forks_share_their_parents_prefix, rollout
+
+from arpo_trl.rollout.branching import BranchPolicy
+from arpo_trl.rollout.environments import environment_tools
+from arpo_trl.rollout.protocols import TagProtocol
+from arpo_trl.rollout.tree import RolloutSettings
+from arpo_trl.testing import calc
+from arpo_trl.tools import ToolExecutor
 
 
 @pytest.mark.parametrize("m, n, z", [(4, 2, 1), (8, 4, 1), (8, 1, 3), (5, 5, 1), (6, 4, 2)])
@@ -220,3 +227,61 @@ def test_completions_stay_within_the_models_context(tokenizer):
     assert {t.finish_reason for t in trajs} & {"length", "no_room_for_result"}
     with pytest.raises(ValueError, match="leaves no room"):
         rollout(tokenizer, m=4, n=2, max_model_len=prompt_len)
+
+
+# -------------------------- tests written for mutants that survived `make mutate` (tests/README.md, "Mutation testing")
+
+
+def _round_driver(tok, m, n, alpha=0.0, toolset=None, generator=None, z=1, **kw):
+    from arpo_trl.rollout.round_driver import RoundDriver
+
+    s = RolloutSettings(group_size=m, initial_rollouts=n, branch_factor=z, entropy_window=4, max_completion_length=200,
+                        **kw)  # fmt: skip
+    return RoundDriver(
+        s, generator or CountingGenerator(tok, calls=2), TagProtocol(tok, ["calc"]),
+        ToolExecutor([calc], timeout=5), BranchPolicy(alpha, 0.0, seed=0), len(tok), tok.eos_token_id,
+        toolset=toolset,
+    )  # fmt: skip
+
+
+def test_the_round_driver_runs_each_trajectorys_calls_on_its_own_environment(tokenizer):
+    """Three trajectories call in the same rounds: each gets the results of its own environment's calls (the
+    round's calls run as one batch, and its results are handed back in order)."""
+    envs = [Counter("a"), Counter("b"), Counter("c")]
+    seen = []
+
+    def toolset(traj):
+        seen.append(traj.slot)
+        return environment_tools(traj.env, [])
+
+    driver = _round_driver(tokenizer, m=3, n=3, toolset=toolset)
+    trajs, _ = driver.run([tokenizer.encode("Add 1 and 2.")] * 3, environments=envs)
+    for t, name in zip(trajs, "abc", strict=True):
+        assert t.env is envs[t.slot]
+        text = tokenizer.decode(t.completion_ids)
+        assert f"<result>\n{name}0\n</result>" in text and f"<result>\n{name}1\n</result>" in text
+    assert sorted(seen) == [0, 0, 1, 1, 2, 2] and [e.count for e in envs] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("m, z", [(2, 1), (3, 2)])
+def test_speculative_forks_are_sampled_without_measuring_their_entropy(tokenizer, m, z):
+    """A speculative copy's window is never read (it is its parent's next segment, decided on the parent's):
+    its row asks the generator for no entropy, however many copies the decision has."""
+    gen = CountingGenerator(tokenizer, calls=2)
+    _round_driver(tokenizer, m=m, n=1, alpha=1.0, generator=gen, z=z, speculative_forks=True).run(
+        [tokenizer.encode("Add 1 and 2.")] * m
+    )
+    assert gen.call_log[:2] == [1, 1 + z]  # round 2: the root after its first result, and its speculative copies
+    assert gen.need_log[1] == [True] + [False] * z
+
+
+def test_groups_do_not_slow_each_other_down(tokenizer):
+    """Identical groups take as many rounds together as one alone, also when a branch evicts a speculative fresh
+    rollout of the first group while the second group's rows wait later in the same round."""
+    rounds = []
+    for groups in (1, 2):
+        gen = CountingGenerator(tokenizer, calls=2)
+        _, stats = rollout(tokenizer, m=8, n=2, alpha=1.0, fill="speculative", generator=gen, groups=groups)
+        assert stats.discarded == groups * 6
+        rounds.append(len(gen.call_log))
+    assert rounds[0] == rounds[1]

@@ -7,11 +7,16 @@ order of events (no branching, or decisions that do not compete for the last slo
 elsewhere the invariants must hold. The real vLLM engine is exercised in tests/vllm_backend/.
 """
 
+import asyncio
 import math
+import re
 import threading
+import time
+import zlib
 
 import pytest
 from fakes import (
+    Counter,
     ScriptedEngine,
     assert_forks_share_their_parents_prefix,
     both,
@@ -23,8 +28,10 @@ from fakes import (
 
 from arpo_trl.rollout.branching import BranchPolicy
 from arpo_trl.rollout.entropy import truncated_entropy
+from arpo_trl.rollout.environments import environment_tools
 from arpo_trl.rollout.protocols import TagProtocol
 from arpo_trl.rollout.stream_driver import StreamDriver
+from arpo_trl.rollout.vllm_engine import StreamUpdate
 from arpo_trl.testing import calc
 from arpo_trl.tools import ToolExecutor
 
@@ -277,3 +284,307 @@ def test_top_k_estimator_reads_the_streamed_logprobs(tokenizer):
     want = [truncated_entropy({0: -e, 1: -1.0}) for e in script_entropies[:4]]
     assert first == pytest.approx(want)
     assert all(r[2] == 0 for r in engine.requests)  # no exact-entropy opt-in with the top-k estimator
+
+
+# -------------------------- tests written for mutants that survived `make mutate` (tests/README.md, "Mutation testing")
+
+
+def test_truncated_entropy_skips_impossible_candidates():
+    """A -inf logprob (p = 0) contributes 0, not NaN (0 · -inf)."""
+    value = truncated_entropy({1: -math.inf, 2: math.log(0.5), 3: math.log(0.25)})
+    assert value == pytest.approx(0.5 * math.log(2) + 0.25 * math.log(4))
+
+
+class Recording(ScriptedEngine):
+    """The scripted engine, recording each request's stop strings."""
+
+    def __init__(self, tok, calls, delay=0.0):
+        super().__init__(tok, calls, delay)
+        self.stops = []
+
+    async def stream(self, request_id, prompt_ids, max_tokens, stop, **kw):
+        self.stops.append(stop)
+        async for update in super().stream(request_id, prompt_ids, max_tokens, stop, **kw):
+            yield update
+
+
+def async_rollout(tok, m=2, n=2, calls=2, tools=(calc,), engine=None, max_workers=16, alpha=0.0, protocol=None, **kw):
+    protocol = protocol or TagProtocol(tok, ["calc"])
+    options = {
+        k: kw.pop(k)
+        for k in ("stop", "entropy_estimator", "toolset", "frozen_initial", "measure_every_token")
+        if k in kw
+    }
+    options.setdefault("stop", protocol.stop_strings)
+    rollout = StreamDriver(
+        settings(m, n, **kw), engine or Recording(tok, calls), protocol,
+        ToolExecutor(list(tools), timeout=5, max_workers=max_workers), BranchPolicy(alpha, 0.0, seed=0),
+        len(tok), tok.eos_token_id, **options,
+    )  # fmt: skip
+    return rollout
+
+
+def test_the_async_driver_refuses_unknown_estimators_with_a_clear_message(tokenizer):
+    with pytest.raises(ValueError, match=re.escape("entropy_estimator must be 'exact' or 'top_k', got 'top_p'")):
+        async_rollout(tokenizer, entropy_estimator="top_p")
+
+
+@pytest.mark.parametrize("stop, sent", [(None, None), ([], None), (["</calc>"], ["</calc>"])])
+def test_the_async_driver_sends_its_stop_strings_with_every_request(tokenizer, stop, sent):
+    engine = Recording(tokenizer, calls=1)
+    async_rollout(tokenizer, engine=engine, stop=stop).run([tokenizer.encode("Add 1 and 2.")] * 2)
+    assert engine.stops and all(s == sent for s in engine.stops)
+
+
+def test_the_async_driver_runs_each_trajectorys_calls_on_its_own_environment(tokenizer):
+    envs = [Counter("a"), Counter("b")]
+    seen = []
+
+    def toolset(traj):
+        seen.append(traj.slot)
+        return environment_tools(traj.env, [])
+
+    rollout = async_rollout(tokenizer, calls=2, toolset=toolset)
+    trajs, stats = rollout.run([tokenizer.encode("Add 1 and 2.")] * 2, environments=envs)
+    for t, name in zip(trajs, "ab", strict=True):
+        assert t.env is envs[t.slot]
+        text = tokenizer.decode(t.completion_ids)
+        assert f"{name}0" in text and f"{name}1" in text  # its own state: the second call sees the first
+    assert sorted(seen) == [0, 0, 1, 1] and [e.count for e in envs] == [2, 2]
+
+
+def test_the_async_driver_keeps_the_callers_frozen_initial_entropies(tokenizer):
+    frozen = {}
+    rollout = async_rollout(tokenizer, frozen_initial=frozen, initial_entropy="frozen_per_slot", alpha=1.0, m=4)
+    trajs, _ = rollout.run([tokenizer.encode("Add 1 and 2.")] * 4)
+    assert {0, 1} <= set(frozen) and all(t.h_initial == frozen[t.slot] for t in trajs if t.slot in (0, 1))
+
+
+def test_measure_every_token_records_the_entropy_of_every_sampled_token(tokenizer):
+    trajs, _ = async_rollout(tokenizer, measure_every_token=True).run([tokenizer.encode("Add 1 and 2.")] * 2)
+    for t in trajs:
+        sampled = [h for h, mask in zip(t.token_entropies, t.tool_mask, strict=True) if mask]
+        assert len(sampled) > 4 and not any(math.isnan(h) for h in sampled)
+
+
+def test_tool_seconds_sum_the_calls_and_tools_run_in_the_bounded_pool(tokenizer):
+    running, most, lock = [0], [0], threading.Lock()
+
+    def slow(expression: str) -> str:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return "3"
+
+    slow.__name__ = "calc"
+    rollout = async_rollout(tokenizer, m=4, n=4, calls=2, tools=(slow,), max_workers=1)
+    rollout.run([tokenizer.encode("Add 1 and 2.")] * 4)
+    assert most[0] == 1  # max_workers=1: one call at a time, across trajectories
+    assert 8 * 0.05 <= rollout.tool_seconds < 30  # 8 calls, each timed from submission (queued ones wait longer)
+
+
+class Observed(ScriptedEngine):
+    """The script, two tokens per update, each token its own logprob; records every request's arguments, the
+    tokens each stream has delivered when a request arrives, and what is forgotten. `cached(prompt)` is what the
+    engine reports as read from its prefix cache; `finish` replaces the script's last finish reason."""
+
+    def __init__(self, tok, calls, cached=lambda prompt: 0, no_reason=False, unfinished=False, delay=0.0):
+        super().__init__(tok, calls, delay)
+        self.cached, self.no_reason, self.unfinished = cached, no_reason, unfinished
+        self.args, self.delivered, self.forgotten, self.arrivals = {}, {}, [], {}
+
+    async def stream(self, request_id, prompt_ids, max_tokens, stop, entropy_tokens=0, top_logprobs=0, seed=None):
+        self.args[request_id] = dict(prompt=list(prompt_ids), seed=seed, top=top_logprobs, entropy=entropy_tokens)
+        self.arrivals[request_id] = dict(self.delivered)
+        self.delivered[request_id] = 0
+        ids, entropies, finish = scripted_segment(self.tok, list(prompt_ids), max_tokens, self.calls)
+        if entropy_tokens:
+            self.entropy[request_id] = entropies[:entropy_tokens]
+        cached = self.cached(list(prompt_ids))
+        for i in range(0, len(ids), 2):
+            await asyncio.sleep(self.delay)
+            chunk = ids[i : i + 2]
+            last = i + 2 >= len(ids) and not self.unfinished
+            reason = finish if last and not self.no_reason else None
+            top = [{t: -entropies[i + j], t + 1: -1.0} for j, t in enumerate(chunk)] if top_logprobs else []
+            self.delivered[request_id] += len(chunk)
+            yield StreamUpdate(chunk, [-0.01 * (i + j + 1) for j in range(len(chunk))], last, reason, cached, top)
+
+    def forget(self, request_ids):
+        self.forgotten.extend(request_ids)
+        super().forget(request_ids)
+
+
+def test_the_async_driver_seeds_each_request_from_the_rollout_seed_slot_kind_and_position(tokenizer):
+    engine = Observed(tokenizer, calls=2)
+    async_rollout(tokenizer, engine=engine, m=4, n=2, alpha=1.0).run([tokenizer.encode("Add 1 and 2.")] * 4, seed=11)
+    for request_id, args in engine.args.items():
+        batch, key = request_id.removeprefix("arpo-").split("-", 1)
+        assert args["seed"] == zlib.crc32(f"11-{key}".encode()) & 0x7FFFFFFF
+    unseeded = Observed(tokenizer, calls=2)
+    async_rollout(tokenizer, engine=unseeded).run([tokenizer.encode("Add 1 and 2.")] * 2)
+    assert all(args["seed"] is None for args in unseeded.args.values())
+    # Request ids name the batch: two rollouts on one engine never reuse an id (entropy tables are keyed by it).
+    assert not set(engine.args) & set(unseeded.args)
+    assert {r.split("-")[1] for r in engine.args} != {r.split("-")[1] for r in unseeded.args}
+
+
+def test_the_async_driver_counts_requests_prompt_and_cached_tokens_and_forks_prefills(tokenizer):
+    prompt = tokenizer.encode("Add 1 and 2.")
+    engine = Observed(tokenizer, calls=2, cached=lambda p: 0 if len(p) == len(prompt) else len(p) // 2)
+    rollout = async_rollout(tokenizer, engine=engine, m=4, n=2, alpha=1.0)
+    trajs, stats = rollout.run([prompt] * 4)
+    prompts = [len(a["prompt"]) for a in engine.args.values()]
+    assert stats.rounds == len(engine.args)  # one request per segment
+    assert rollout.prompt_tokens == sum(prompts)
+    assert rollout.cached_tokens == sum(n // 2 for n in prompts if n != len(prompt)) > 0
+    # One entry per fork, for its first request (the parent's prefix): (its prompt tokens, of those cached).
+    forks = [t for t in trajs if t.kind == "branch"]
+    assert stats.branches == len(forks) > 0
+    expected = sorted((len(prompt) + t.fork_position, (len(prompt) + t.fork_position) // 2) for t in forks)
+    assert sorted(rollout.fork_prefills) == expected
+
+
+def test_the_async_driver_keeps_every_tokens_sampling_logprob(tokenizer):
+    engine = Observed(tokenizer, calls=2)
+    trajs, _ = async_rollout(tokenizer, engine=engine).run([tokenizer.encode("Add 1 and 2.")] * 2)
+    for t in trajs:
+        assert len(t.logprobs) == len(t.completion_ids)
+        sampled = [lp for lp, mask in zip(t.logprobs, t.tool_mask, strict=True) if mask]
+        assert all(lp < 0 for lp in sampled) and len(set(sampled)) > 2  # the engine's own, token by token
+        assert all(lp == 0.0 for lp, mask in zip(t.logprobs, t.tool_mask, strict=True) if not mask)
+
+
+@pytest.mark.parametrize("ending", ["no_reason", "unfinished"])
+def test_a_stream_that_ends_without_a_reason_ends_on_the_budget(tokenizer, ending):
+    engine = Observed(tokenizer, calls=0, **{ending: True})
+    trajs, _ = async_rollout(tokenizer, engine=engine, calls=0).run([tokenizer.encode("Add 1 and 2.")] * 2)
+    assert [t.finish_reason for t in trajs] == ["length", "length"]
+
+
+def test_no_trajectory_is_left_awaiting_a_decision(tokenizer):
+    """Fresh rollouts (never branchable) also reach tool results: the driver records that no decision is made
+    there, so none is left waiting for one."""
+    trajs, stats = async_rollout(tokenizer, m=4, n=2, calls=2).run([tokenizer.encode("Add 1 and 2.")] * 4)
+    assert stats.fresh == 2 and any(t.kind == "fresh" and t.tool_rounds for t in trajs)
+    assert not any(t.awaiting_entropy for t in trajs)
+
+
+def test_tool_seconds_are_zero_without_tool_calls(tokenizer):
+    rollout = async_rollout(tokenizer, calls=0)
+    rollout.run([tokenizer.encode("Add 1 and 2.")] * 2)
+    assert rollout.tool_seconds == 0.0
+
+
+def test_an_aborted_request_stops_the_rollout_at_once_with_its_id(tokenizer):
+    """vLLM aborts requests when it shuts down: the rollout raises, naming the request, without waiting for the
+    tools other trajectories are running."""
+    finished, started = threading.Event(), []
+
+    def slow(expression: str) -> str:
+        started.append(expression)
+        time.sleep(3)
+        finished.set()
+        return "3"
+
+    slow.__name__ = "calc"
+    slow.thread_safe = True  # in a worker thread, so the failing rollout need not wait for it
+
+    class AbortsOne(Observed):
+        async def stream(self, request_id, prompt_ids, max_tokens, stop, **kw):
+            abort = request_id.endswith("-1-root-0")
+            if abort:  # let slot 0 reach its tool first
+                await asyncio.sleep(0.5)
+            async for update in super().stream(request_id, prompt_ids, max_tokens, stop, **kw):
+                yield StreamUpdate(update.token_ids, update.logprobs, update.finished,
+                                   "abort" if abort and update.finished else update.finish_reason, 0, [])  # fmt: skip
+
+    # One tool at a time: slot 0's call runs, slot 2's waits behind it.
+    rollout = async_rollout(tokenizer, engine=AbortsOne(tokenizer, calls=1), m=3, n=3, calls=1, tools=(slow,),
+                            max_workers=1)  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"^vLLM aborted request arpo-\d+-1-root-0 \(engine shut down\?\)$"):
+        rollout.run([tokenizer.encode("Add 1 and 2.")] * 3)
+    assert not finished.is_set()  # slot 0's tool was still running
+    finished.wait(timeout=10)
+    time.sleep(0.5)
+    assert len(started) == 1  # the queued call was cancelled, not run after the failure
+
+
+def test_the_decision_is_taken_when_exactly_k_tokens_have_streamed(tokenizer):
+    """Forks start the moment the k-th token after the result is in: their first request arrives while the
+    parent's stream has delivered k tokens, not k + 1 (k = 4; the engine delivers two tokens per update)."""
+    engine = Observed(tokenizer, calls=2, delay=0.01)
+    trajs, _ = async_rollout(tokenizer, engine=engine, m=4, n=1, alpha=1.0).run([tokenizer.encode("Add 1 and 2.")] * 4)
+    forks = [t for t in trajs if t.kind == "branch"]
+    assert forks
+    for fork in forks:
+        first = next(r for r in engine.args if r.endswith(f"-{fork.slot}-branch-{fork.fork_position}"))
+        parent = next(r for r in engine.args if re.search(f"-{fork.parent}-[a-z]+-{fork.fork_position}$", r))
+        assert engine.arrivals[first][parent] == 4
+
+
+def test_top_logprobs_are_asked_only_to_measure_a_window_with_the_top_k_estimator(tokenizer):
+    for estimator in ("exact", "top_k"):
+        engine = Observed(tokenizer, calls=2)
+        async_rollout(tokenizer, engine=engine, m=4, n=2, alpha=1.0, entropy_estimator=estimator).run(
+            [tokenizer.encode("Add 1 and 2.")] * 4
+        )
+        measuring = [a for a in engine.args.values() if a["entropy"] or a["top"]]
+        assert measuring and len(measuring) < len(engine.args)  # some segments have no window to measure
+        for a in engine.args.values():
+            if estimator == "exact":
+                assert a["top"] == 0
+            else:
+                assert a["entropy"] == 0 and a["top"] in (0, 10)
+        if estimator == "top_k":
+            assert {a["top"] for a in engine.args.values()} == {0, 10}
+
+
+def test_top_k_entropies_are_kept_for_the_window_only(tokenizer):
+    trajs, _ = async_rollout(tokenizer, engine=Observed(tokenizer, calls=2), entropy_estimator="top_k",
+                             alpha=1.0, m=4).run([tokenizer.encode("Add 1 and 2.")] * 4)  # fmt: skip
+    root = next(t for t in trajs if t.kind == "root")
+    first = root.token_entropies[: root.tool_mask.index(0)]  # the root's first segment: its H_initial window
+    assert not any(math.isnan(h) for h in first[:4]) and all(math.isnan(h) for h in first[4:])
+
+
+def test_tool_calls_wait_in_threads_named_for_them(tokenizer):
+    """While a tool runs, the driver's waiting thread is named for what it does (thread dumps of a stalled run)."""
+    names = []
+
+    def named(expression: str) -> str:
+        names.append({t.name.split("_")[0] for t in threading.enumerate()})
+        return "3"
+
+    named.__name__ = "calc"
+    async_rollout(tokenizer, calls=1, tools=(named,)).run([tokenizer.encode("Add 1 and 2.")] * 2)
+    assert names and all("arpo-tools" in n for n in names)
+
+
+def test_a_fresh_rollout_discarded_while_streaming_releases_its_entropy_entries(tokenizer):
+    engine = Observed(tokenizer, calls=2, delay=0.01)
+    rollout = async_rollout(tokenizer, engine=engine, m=4, n=1, alpha=1.0, rollout_fill="speculative",
+                            measure_every_token=True)  # fmt: skip
+    _, stats = rollout.run([tokenizer.encode("Add 1 and 2.")] * 4)
+    assert stats.discarded > 0
+    assert {r for r in engine.forgotten if "-fresh-" in r}  # the discarded rollouts' requests
+
+
+def test_the_async_driver_hands_the_calls_over_the_limit_to_the_notice(tokenizer):
+    """The chat-template notice answers each call by name: the protocol is given the calls it answers."""
+
+    class Noting(TagProtocol):
+        noted = []
+
+        def limit_notice_ids(self, traj, calls, limit):
+            self.noted.append([c.name for c in calls])
+            return super().limit_notice_ids(traj, calls, limit)
+
+    protocol = Noting(tokenizer, ["calc"])
+    async_rollout(tokenizer, calls=3, protocol=protocol, max_tool_rounds=1, call_limit_action="message").run(
+        [tokenizer.encode("Add 1 and 2.")] * 2
+    )
+    assert protocol.noted and all(names == ["calc"] for names in protocol.noted)
