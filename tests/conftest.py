@@ -62,3 +62,38 @@ def tool_model(tokenizer, tool_model_state):
     model = build_tiny_model(tokenizer)
     model.load_state_dict(tool_model_state)
     return model
+
+
+# The small run the trainer tests train: groups of M = 4 from N = 2 roots, forks forced at every decision (alpha = 1,
+# beta = 0), 2 steps on CPU in float32 without gradient checkpointing, nothing saved or reported.
+SMALL_RUN = dict(
+    per_device_train_batch_size=8,
+    num_generations=4,
+    initial_rollouts=2,
+    max_completion_length=64,
+    max_tool_calling_iterations=3,
+    max_steps=2,
+    learning_rate=1e-3,
+    logging_steps=1,
+    save_strategy="no",
+    report_to="none",
+    bf16=False,
+    use_cpu=True,
+    gradient_checkpointing=False,
+    seed=0,
+    branch_base_probability=1.0,
+    branch_entropy_weight=0.0,
+    tool_timeout=10,
+)
+
+
+@pytest.fixture
+def arpo_config(tmp_path):
+    """`arpo_config(**overrides)`: the `ARPOConfig` of `SMALL_RUN` with `overrides`, writing under the test's
+    `tmp_path / "out"`."""
+    from arpo_trl import ARPOConfig
+
+    def make(**overrides) -> ARPOConfig:
+        return ARPOConfig(**{"output_dir": str(tmp_path / "out"), **SMALL_RUN, **overrides})
+
+    return make

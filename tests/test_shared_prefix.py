@@ -12,7 +12,7 @@ import pytest
 import torch
 from trl.trainer.utils import add_fused_lm_head
 
-from arpo_trl import ARPOConfig, ARPOTrainer
+from arpo_trl import ARPOTrainer
 from arpo_trl.shared_prefix import pack_rows, shared_prefix_logps, shuffle_groups, unsupported_reason
 from arpo_trl.testing import build_tiny_model, calc, calc_dataset, closeness_reward
 
@@ -183,26 +183,10 @@ def test_group_shuffle_moves_whole_groups_in_order_and_draws_as_trl():
 # ---------------------------------------------------------------- through the real trainer
 
 
-def trainer_for(tool_model, tokenizer, tmp_path, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        num_generations=4,
-        initial_rollouts=2,
-        max_completion_length=48,
-        max_tool_calling_iterations=2,
-        max_steps=1,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        seed=0,
-        branch_base_probability=1.0,  # forks at every tool result: shared prefixes inside the completions
-        branch_entropy_weight=0.0,
-        tool_timeout=10,
-    )
+def trainer_for(tool_model, tokenizer, tmp_path, arpo_config, **overrides):
+    # The small run with shorter completions, fewer calls and one step, and gradient checkpointing on (TRL's default,
+    # which these tests always ran with). Forks at every tool result: shared prefixes inside the completions.
+    settings = dict(max_completion_length=48, max_tool_calling_iterations=2, max_steps=1, gradient_checkpointing=True)
     settings.update(overrides)
     model = tool_model
     if settings.get("beta"):  # TRL loads the reference model from the model's path
@@ -211,7 +195,7 @@ def trainer_for(tool_model, tokenizer, tmp_path, **overrides):
     return ARPOTrainer(
         model=model,
         reward_funcs=closeness_reward,
-        args=ARPOConfig(**settings),
+        args=arpo_config(**settings),
         train_dataset=calc_dataset(8),
         processing_class=tokenizer,
         tools=[calc],
@@ -242,8 +226,8 @@ def loss_and_grads(trainer, inputs, shared):
     ],
     ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
 )
-def test_loss_and_every_gradient_equal_trls_per_row_forward(tool_model, tokenizer, tmp_path, overrides):
-    trainer = trainer_for(tool_model, tokenizer, tmp_path, **overrides)
+def test_loss_and_every_gradient_equal_trls_per_row_forward(tool_model, tokenizer, tmp_path, arpo_config, overrides):
+    trainer = trainer_for(tool_model, tokenizer, tmp_path, arpo_config, **overrides)
     trainer.model.train()
     batch = next(iter(trainer.get_train_dataloader()))
     inputs = trainer._prepare_inputs(batch)
@@ -274,8 +258,10 @@ def test_loss_and_every_gradient_equal_trls_per_row_forward(tool_model, tokenize
         assert (inputs["old_per_token_logps"] - ref)[mask[:, -keep:].bool()].abs().max() < 1e-4
 
 
-def test_micro_batches_hold_whole_groups(tool_model, tokenizer, tmp_path):
-    trainer = trainer_for(tool_model, tokenizer, tmp_path, steps_per_generation=2, per_device_train_batch_size=4)
+def test_micro_batches_hold_whole_groups(tool_model, tokenizer, tmp_path, arpo_config):
+    trainer = trainer_for(
+        tool_model, tokenizer, tmp_path, arpo_config, steps_per_generation=2, per_device_train_batch_size=4
+    )
     trainer.model.train()
     batch = next(iter(trainer.get_train_dataloader()))
     trainer._prepare_inputs(batch)
@@ -285,9 +271,9 @@ def test_micro_batches_hold_whole_groups(tool_model, tokenizer, tmp_path):
 
 
 def test_training_logs_the_forward_token_ratio_and_a_layout_the_model_gets_wrong_falls_back(
-    tool_model, tokenizer, tmp_path, caplog, monkeypatch
+    tool_model, tokenizer, tmp_path, arpo_config, caplog, monkeypatch
 ):
-    trainer = trainer_for(tool_model, tokenizer, tmp_path)
+    trainer = trainer_for(tool_model, tokenizer, tmp_path, arpo_config)
     with caplog.at_level(logging.INFO, logger="arpo_trl.shared_prefix"):
         trainer.train()
     assert any("checked against the per-row forward" in r.message for r in caplog.records)

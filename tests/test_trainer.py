@@ -32,31 +32,6 @@ class RecordingTrainer(ARPOTrainer):
         return out
 
 
-def make_args(tmp_path, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        num_generations=M,
-        initial_rollouts=N,
-        max_completion_length=64,
-        max_tool_calling_iterations=3,
-        max_steps=2,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        seed=0,
-        branch_base_probability=1.0,
-        branch_entropy_weight=0.0,
-        tool_timeout=10,
-    )
-    settings.update(overrides)
-    return ARPOConfig(**settings)
-
-
 def make_trainer(model, tokenizer, args, tools=(calc,), cls=RecordingTrainer, **kwargs):
     return cls(
         model=model,
@@ -81,8 +56,8 @@ def group_advantages(rewards, group_size):
     return ((grouped - mean) / (std + 1e-4)).view(-1)
 
 
-def test_forced_branching_soft_mode(tool_model, tokenizer, tmp_path):
-    trainer = make_trainer(tool_model, tokenizer, make_args(tmp_path))
+def test_forced_branching_soft_mode(tool_model, tokenizer, arpo_config):
+    trainer = make_trainer(tool_model, tokenizer, arpo_config())
     before = {k: v.clone() for k, v in trainer.model.named_parameters()}
     trainer.train()
     assert len(trainer.batches) == 2
@@ -141,8 +116,8 @@ def test_forced_branching_soft_mode(tool_model, tokenizer, tmp_path):
         assert min(t.h_initial for t in roots) - 1e-6 <= h0 <= max(t.h_initial for t in roots) + 1e-6
 
 
-def test_no_branching_when_alpha_and_beta_are_zero(tool_model, tokenizer, tmp_path):
-    args = make_args(tmp_path, branch_base_probability=0.0, branch_entropy_weight=0.0, max_steps=1)
+def test_no_branching_when_alpha_and_beta_are_zero(tool_model, tokenizer, arpo_config):
+    args = arpo_config(branch_base_probability=0.0, branch_entropy_weight=0.0, max_steps=1)
     trainer = make_trainer(tool_model, tokenizer, args)
     trainer.train()
     stats = trainer.batches[0]["rollout"].stats
@@ -152,9 +127,9 @@ def test_no_branching_when_alpha_and_beta_are_zero(tool_model, tokenizer, tmp_pa
     assert all(t.kind in ("root", "fresh") for t in trainer.batches[0]["rollout"].trajectories)
 
 
-def test_speculative_fill_and_forks_train_with_the_real_model(tool_model, tokenizer, tmp_path):
-    args = make_args(
-        tmp_path, branch_base_probability=0.5, branch_entropy_weight=0.2, rollout_fill="speculative",
+def test_speculative_fill_and_forks_train_with_the_real_model(tool_model, tokenizer, arpo_config):
+    args = arpo_config(
+        branch_base_probability=0.5, branch_entropy_weight=0.2, rollout_fill="speculative",
         speculative_forks=True, max_steps=1,
     )  # fmt: skip
     trainer = make_trainer(tool_model, tokenizer, args)
@@ -174,8 +149,8 @@ def test_speculative_fill_and_forks_train_with_the_real_model(tool_model, tokeni
     assert logged(trainer, "arpo/discarded_forks_per_group") == [stats.discarded_forks / 2]
 
 
-def test_hard_attribution_replaces_advantages_with_the_mean_over_sharers(tool_model, tokenizer, tmp_path):
-    args = make_args(tmp_path, advantage_attribution="hard", max_steps=1)
+def test_hard_attribution_replaces_advantages_with_the_mean_over_sharers(tool_model, tokenizer, arpo_config):
+    args = arpo_config(advantage_attribution="hard", max_steps=1)
     trainer = make_trainer(tool_model, tokenizer, args)
     trainer.train()
     batch = trainer.batches[0]
@@ -197,11 +172,9 @@ def test_hard_attribution_replaces_advantages_with_the_mean_over_sharers(tool_mo
     [("grpo", "sequence"), ("dapo", "token"), ("dr_grpo", "token"), ("bnpo", "token"), ("cispo", "token"),
      ("sapo", "token"), ("luspo", "sequence"), ("vespo", "token")],
 )  # fmt: skip
-def test_hard_attribution_trains_with_every_trl_loss(tool_model, tokenizer, tmp_path, loss_type, level):
+def test_hard_attribution_trains_with_every_trl_loss(tool_model, tokenizer, arpo_config, loss_type, level):
     """(B, T) advantages go through each of TRL's losses, GSPO's sequence-level importance sampling included."""
-    args = make_args(
-        tmp_path, advantage_attribution="hard", loss_type=loss_type, importance_sampling_level=level, max_steps=1
-    )
+    args = arpo_config(advantage_attribution="hard", loss_type=loss_type, importance_sampling_level=level, max_steps=1)
     trainer = make_trainer(tool_model, tokenizer, args)
     before = {k: v.clone() for k, v in trainer.model.named_parameters()}
     trainer.train()
@@ -211,13 +184,11 @@ def test_hard_attribution_trains_with_every_trl_loss(tool_model, tokenizer, tmp_
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.named_parameters())
 
 
-def test_real_sandboxed_python_tool_and_lagged_timing(tool_model, tokenizer, tmp_path):
+def test_real_sandboxed_python_tool_and_lagged_timing(tool_model, tokenizer, arpo_config):
     from arpo_trl.tools import PythonInterpreter
 
     sandboxed = PythonInterpreter(name="calc", timeout=10)  # the tiny model writes "<calc>4+5+6</calc>": valid Python
-    args = make_args(
-        tmp_path, entropy_timing="lagged", branch_base_probability=0.5, branch_entropy_weight=0.2, max_steps=1
-    )
+    args = arpo_config(entropy_timing="lagged", branch_base_probability=0.5, branch_entropy_weight=0.2, max_steps=1)
     trainer = make_trainer(tool_model, tokenizer, args, tools=[sandboxed])
     trainer.train()
     trajs = trainer.batches[0]["rollout"].trajectories
@@ -236,7 +207,7 @@ def test_real_sandboxed_python_tool_and_lagged_timing(tool_model, tokenizer, tmp
         pytest.fail("no well-formed call found")
 
 
-def test_hanging_and_crashing_tools_never_stall_training(tool_model, tokenizer, tmp_path):
+def test_hanging_and_crashing_tools_never_stall_training(tool_model, tokenizer, arpo_config):
     import itertools
     import threading
 
@@ -257,7 +228,7 @@ def test_hanging_and_crashing_tools_never_stall_training(tool_model, tokenizer, 
         raise RuntimeError("calculator is broken")
 
     calc.thread_safe = True  # ARPO's time limits apply to tools run in its worker threads (user tools: main thread)
-    args = make_args(tmp_path, tool_timeout=0.5, max_steps=1)
+    args = arpo_config(tool_timeout=0.5, max_steps=1)
     trainer = make_trainer(tool_model, tokenizer, args, tools=[calc])
     rounds = []  # wall time of each tool round: a 30 s hang must not hold one past its 0.5 s timeout
     run = trainer.tool_executor.run
@@ -288,10 +259,10 @@ def test_hanging_and_crashing_tools_never_stall_training(tool_model, tokenizer, 
     assert any("timed out after 0.5 s" in x for x in texts) and any("calculator is broken" in x for x in texts)
 
 
-def test_lora_via_peft_config(tool_model, tokenizer, tmp_path):
+def test_lora_via_peft_config(tool_model, tokenizer, arpo_config):
     from peft import LoraConfig, PeftModel
 
-    args = make_args(tmp_path, max_steps=1, learning_rate=1e-2)
+    args = arpo_config(max_steps=1, learning_rate=1e-2)
     trainer = make_trainer(
         tool_model, tokenizer, args, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     )
@@ -305,8 +276,8 @@ def test_lora_via_peft_config(tool_model, tokenizer, tmp_path):
     assert all(torch.equal(params[k], v) for k, v in base_before.items())
 
 
-def test_checkpoint_save_and_resume(tool_model, tokenizer, tmp_path):
-    args = make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+def test_checkpoint_save_and_resume(tool_model, tokenizer, tmp_path, arpo_config):
+    args = arpo_config(max_steps=2, save_strategy="steps", save_steps=1)
     make_trainer(tool_model, tokenizer, args).train()
     checkpoint = tmp_path / "out" / "checkpoint-2"
     assert (checkpoint / "trainer_state.json").exists() and (checkpoint / "model.safetensors").exists()
@@ -314,7 +285,7 @@ def test_checkpoint_save_and_resume(tool_model, tokenizer, tmp_path):
 
     from arpo_trl.testing import build_tiny_model
 
-    resumed = make_trainer(build_tiny_model(tokenizer), tokenizer, make_args(tmp_path, max_steps=3))
+    resumed = make_trainer(build_tiny_model(tokenizer), tokenizer, arpo_config(max_steps=3))
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 3
     assert len(resumed.batches) == 1  # only the third step was run
@@ -349,7 +320,7 @@ def test_drop_in_with_a_plain_grpo_config(tool_model, tokenizer, tmp_path):
     assert all(t.messages[1] == {"role": "tool", "name": "calc", "content": "9"} for t in trajs)
 
 
-def test_evaluation_keeps_plain_sampling_with_tools(tool_model, tokenizer, tmp_path):
+def test_evaluation_keeps_plain_sampling_with_tools(tool_model, tokenizer, arpo_config):
     """Evaluation samples whole trajectories and never forks, even where a fork would fit: here each eval group gets
     room for one (M = 2, N = 1) and α = 1, so the same scenario with branching switched on does fork."""
     import dataclasses
@@ -364,7 +335,7 @@ def test_evaluation_keeps_plain_sampling_with_tools(tool_model, tokenizer, tmp_p
             room = dataclasses.replace(settings, group_size=2, initial_rollouts=1)  # rows come in prompt pairs
             return dataclasses.replace(room, branching=True) if self.force_branching else room
 
-    args = make_args(tmp_path, per_device_eval_batch_size=4, num_generations_eval=2)
+    args = arpo_config(per_device_eval_batch_size=4, num_generations_eval=2)
     trainer = RoomToBranch(
         model=tool_model,
         reward_funcs=[closeness_reward],
@@ -387,8 +358,8 @@ def test_evaluation_keeps_plain_sampling_with_tools(tool_model, tokenizer, tmp_p
     assert any(t.kind == "branch" for t in trainer.last_rollout.trajectories)
 
 
-def test_constructor_rejects_what_arpo_cannot_do(tool_model, tokenizer, tmp_path):
-    args = make_args(tmp_path)
+def test_constructor_rejects_what_arpo_cannot_do(tool_model, tokenizer, arpo_config):
+    args = arpo_config()
     with pytest.raises(ValueError, match="rollout_func"):
         make_trainer(tool_model, tokenizer, args, rollout_func=lambda prompts, trainer: {})
     with pytest.raises(ValueError, match="unique"):
@@ -397,15 +368,15 @@ def test_constructor_rejects_what_arpo_cannot_do(tool_model, tokenizer, tmp_path
         make_trainer(tool_model, tokenizer, args, environment_factory=object)
 
 
-def test_settings_of_existing_grpo_scripts_train(tool_model, tokenizer, tmp_path):
+def test_settings_of_existing_grpo_scripts_train(tool_model, tokenizer, tmp_path, arpo_config):
     """What TRL users keep in their scripts: several micro-steps per generation, gradient accumulation, more than one
     iteration per batch, gradient checkpointing, a KL term against a reference model (loaded from a path, as TRL
     requires), entropy masking and truncation masking, all with hard attribution."""
     model_dir = tmp_path / "model"
     tool_model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    args = make_args(
-        tmp_path, advantage_attribution="hard", per_device_train_batch_size=4, steps_per_generation=2,
+    args = arpo_config(
+        advantage_attribution="hard", per_device_train_batch_size=4, steps_per_generation=2,
         gradient_accumulation_steps=2, num_iterations=2, gradient_checkpointing=True, beta=0.04,
         top_entropy_quantile=0.5, mask_truncated_completions=True, max_steps=2,
     )  # fmt: skip
@@ -447,13 +418,13 @@ class FirstTurnScripted:
         return out
 
 
-def test_chat_template_tool_format_with_the_sandboxed_interpreter(tool_model, tokenizer, tmp_path):
+def test_chat_template_tool_format_with_the_sandboxed_interpreter(tool_model, tokenizer, arpo_config):
     import json
 
     from arpo_trl.tools import PythonInterpreter
 
     chat_tok = chat_template_tokenizer()  # TRL's bundled Qwen2.5 template: tool-aware, prefix-preserving
-    args = make_args(tmp_path, tool_format="chat_template", max_completion_length=160, max_steps=1)
+    args = arpo_config(tool_format="chat_template", max_completion_length=160, max_steps=1)
     trainer = make_trainer(tool_model, chat_tok, args, tools=[PythonInterpreter(timeout=10)])
     call = json.dumps({"name": "python", "arguments": {"code": "x = 20\nx + 22"}})
     trainer.generator = FirstTurnScripted(trainer.generator, chat_tok, f"<tool_call>\n{call}\n</tool_call>")
@@ -476,13 +447,15 @@ def test_chat_template_tool_format_with_the_sandboxed_interpreter(tool_model, to
             assert chat_tok.decode(t.completion_ids[:cut]).endswith("<|im_start|>assistant\n")
 
 
-def test_official_preset_on_transformers_measures_the_top_k_estimate(tool_model, tokenizer, tool_model_state, tmp_path):
+def test_official_preset_on_transformers_measures_the_top_k_estimate(
+    tool_model, tokenizer, tool_model_state, arpo_config
+):
     """rollout_preset="official" without vLLM: the transformers backend records, for every token it measured, the
     official top-10 + sampled-token entropy of the rollout's model (teacher-forced recompute), and training runs."""
     from arpo_trl.rollout.entropy import truncated_entropy
     from arpo_trl.testing import build_tiny_model
 
-    args = make_args(tmp_path, rollout_preset="official", max_steps=1, entropy_window=4)
+    args = arpo_config(rollout_preset="official", max_steps=1, entropy_window=4)
     trainer = make_trainer(tool_model, tokenizer, args)
     assert trainer.args.entropy_estimator == "top_k" and trainer.args.use_vllm is False
     trainer.train()

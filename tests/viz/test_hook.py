@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from arpo_trl import ARPOConfig, ARPOTrainer
+from arpo_trl import ARPOTrainer
 from arpo_trl.testing import calc, calc_dataset, closeness_reward
 from arpo_trl.viz.hook import TREES_DIR, WANDB_KEY
 
@@ -41,14 +41,12 @@ def offline_wandb(monkeypatch, tmp_path):
     wandb.teardown()
 
 
-def test_trainer_step_writes_the_page_and_logs_it_to_wandb(tool_model, tokenizer, tmp_path, offline_wandb):
+def test_trainer_step_writes_the_page_and_logs_it_to_wandb(tool_model, tokenizer, tmp_path, offline_wandb, arpo_config):
     import wandb
 
-    args = ARPOConfig(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=M, initial_rollouts=N,
-        max_completion_length=48, max_tool_calling_iterations=2, max_steps=1, learning_rate=1e-3, logging_steps=1,
-        save_strategy="no", report_to="wandb", bf16=False, use_cpu=True, seed=0, branch_base_probability=1.0,
-        branch_entropy_weight=0.0, tool_timeout=10, log_rollout_trees=1, log_rollout_trees_prompts=1,
+    args = arpo_config(
+        max_completion_length=48, max_tool_calling_iterations=2, max_steps=1, report_to="wandb",
+        gradient_checkpointing=True, log_rollout_trees=1, log_rollout_trees_prompts=1,
     )  # fmt: skip
     trainer = TreeLoggingTrainer(model=tool_model, reward_funcs=[closeness_reward], args=args,
                                  train_dataset=calc_dataset(16), processing_class=tokenizer, tools=[calc])  # fmt: skip
