@@ -104,18 +104,19 @@ class _PackBuilder:
                 best, best_len = i, common
         return best, best_len
 
-    def new_entries(self, tokens: torch.Tensor) -> int:
-        """How many entries adding `tokens` would create."""
-        n = tokens.shape[0]
-        _, common = self.plan(tokens)
-        return max(n - 1 - max(common - 1, 0), 0)
+    @staticmethod
+    def new_entries(tokens: torch.Tensor, plan: tuple[int, int]) -> int:
+        """How many entries adding `tokens` with `plan` (its `plan`) would create."""
+        return max(tokens.shape[0] - 1 - max(plan[1] - 1, 0), 0)
 
-    def add(self, tokens: torch.Tensor, row: int, scored_from: int, column_of_depth: int) -> None:
-        """Add a row: `tokens` its real tokens; depths ≥ `scored_from` are scored, at output column
-        depth + `column_of_depth`."""
+    def add(
+        self, tokens: torch.Tensor, row: int, scored_from: int, column_of_depth: int, plan: tuple[int, int]
+    ) -> None:
+        """Add a row: `tokens` its real tokens, `plan` its `plan` in this pack; depths ≥ `scored_from` are scored,
+        at output column depth + `column_of_depth`."""
         ids = tokens.tolist()
         n = len(ids)
-        source, common = self.plan(tokens)
+        source, common = plan
         # Entries for depths 0 … common−2 are the source row's (edges inside the shared prefix); the entry at depth
         # common−1 (the last shared token, now followed by this row's own next token) and all later ones are new.
         keep = max(common - 1, 0)
@@ -173,11 +174,13 @@ def pack_rows(
             return None
         tokens = ids[row, start:end]
         current = packs[-1]
-        if current.row_tokens and len(current.tokens) + current.new_entries(tokens) > max_tokens:
+        plan = current.plan(tokens)  # the longest shared prefix: searched once per row
+        if current.row_tokens and len(current.tokens) + current.new_entries(tokens, plan) > max_tokens:
             current = _PackBuilder()
             packs.append(current)
+            plan = (-1, 0)
         # Output column of depth d: start + d − (width − logits_to_keep).
-        current.add(tokens, row, first_scored_column - start, start - first_scored_column)
+        current.add(tokens, row, first_scored_column - start, start - first_scored_column, plan)
     return [p.build(input_ids.device) for p in packs]
 
 
