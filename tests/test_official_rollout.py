@@ -5,7 +5,7 @@ entropy (H_initial of a slot is the first segment ever measured in it); classify
 queues a call, an empty one ends the trajectory, one over the limit appends a trained EOS and ends); run the tools
 and append ``" <result>\\n…\\n</result>"``; branch (lagged: on the segment before the call); and, for a prompt with
 nothing active and fewer than M trajectories, add **one** fresh root, which may branch in turn.
-Both drivers run the same scenarios (the scripted model of test_async_engine).
+Both drivers run the same scenarios (the scripted model of tests/fakes.py).
 """
 
 import pytest

@@ -1,5 +1,6 @@
-"""AEPO's consecutive-branch penalty inside the real tree, on both drivers (the scripted model of
-tests/test_async_engine.py stands in for the generator and for vLLM)."""
+"""Branching (`arpo_trl/rollout/branching.py`): Eq. 5's clipped probability, α/β extremes, the Bernoulli and
+threshold rules, seeding; AEPO's consecutive-branch penalty inside the real tree, on both drivers (the scripted
+model of tests/fakes.py stands in for the generator and for vLLM)."""
 
 import pytest
 from fakes import ScriptedEngine, ScriptedGenerator, settings
