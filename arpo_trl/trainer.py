@@ -385,9 +385,13 @@ class ARPOTrainer(GRPOTrainer):
         metrics["aepo/probe_seconds"].append(seconds)
 
     def _generate(self, prompts: list):
-        """The rollout in TRL's `_generate` shape, for code that calls it outside `_generate_and_score_completions`
-        (which runs `_rollout` itself, keeping the result as a value)."""
-        return self._rollout(prompts)[1]
+        """The rollout (`_rollout`) in TRL's `_generate` shape. Inside `_generate_and_score_completions` the result
+        also goes to that call's scoring record, which lives as long as the call."""
+        result, generated = self._rollout(prompts)
+        record = self.__dict__.get("_scoring")
+        if record is not None:
+            record["rollout"] = result
+        return generated
 
     # ------------------------------------------------------------------ AEPO loss
     def _compute_loss(self, model, inputs):
@@ -442,28 +446,19 @@ class ARPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ scoring and advantages
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        """TRL's, with ARPO's rollout (`_rollout`) as its `_generate`; the rollout and TRL's gathered rewards are
-        kept as locals of this call (the tree pages and hard attribution read them), then:
+        """TRL's, with ARPO's rollout as its `_generate`; the rollout and TRL's gathered rewards are kept for the
+        length of this call only (the tree pages and hard attribution read them), then:
 
         - every `log_rollout_trees` logging steps, the batch's trees are rendered (`arpo_trl.viz`, main process);
         - with ``advantage_attribution="hard"``, the (B,) advantages become per-token ones averaged over the rows
           that share each token's prefix (Eq. 6-7)."""
-        seen: dict[str, Any] = {}
-        calculate_rewards = self._calculate_rewards  # whatever the class provides
-
-        def rollout(prompts: list) -> tuple:
-            seen["rollout"], generated = self._rollout(prompts)
-            return generated
-
-        def rewards(*args: Any, **kwargs: Any) -> torch.Tensor:
-            seen["rewards"] = calculate_rewards(*args, **kwargs)  # (B_total, F), gathered over processes
-            return seen["rewards"]
-
-        self._generate, self._calculate_rewards = rollout, rewards
+        # This call's record: its rollout (`_generate`) and TRL's gathered rewards (`_calculate_rewards`), filled by
+        # TRL's calls of those two methods (a subclass's overrides of them still run) and gone when the call ends.
+        self._scoring = seen = {}
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
-            del self._generate, self._calculate_rewards
+            del self._scoring
         result: RolloutResult = seen["rollout"]
         if self.model.training:
             self._maybe_log_rollout_trees(result, seen["rewards"], output["advantages"])  # (B,), before hard
@@ -482,6 +477,15 @@ class ARPOTrainer(GRPOTrainer):
             )
             output["advantages"] = hard[:, 1:]
         return output
+
+    def _calculate_rewards(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """TRL's (B_total, F) rewards, gathered over processes; inside `_generate_and_score_completions` also kept in
+        that call's record for the tree pages."""
+        rewards = super()._calculate_rewards(*args, **kwargs)
+        record = self.__dict__.get("_scoring")
+        if record is not None:
+            record["rewards"] = rewards
+        return rewards
 
     def _maybe_log_rollout_trees(
         self, result: RolloutResult, rewards_per_func: torch.Tensor, advantages: torch.Tensor

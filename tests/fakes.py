@@ -383,7 +383,7 @@ class ResetRecording(ARPOTrainer):
             "reset_ids": self._tokenize_prompts(copy.deepcopy(prompts))[0],
         }
         result = super()._generate(prompts)
-        self.batches = getattr(self, "batches", []) + [{**before, "result": result, "rollout": self.last_rollout}]
+        self.batches = getattr(self, "batches", []) + [{**before, "result": result, "rollout": self.observed_rollout}]
         return result
 
     def _generate_and_score_completions(self, inputs):
@@ -391,9 +391,9 @@ class ResetRecording(ARPOTrainer):
         self.batches[-1]["out"] = out
         return out
 
-    def _maybe_log_rollout_trees(self, advantages):
+    def _maybe_log_rollout_trees(self, result, rewards_per_func, advantages):
         self.batches[-1]["sequence_advantages"] = advantages.clone()  # (B,), before hard attribution
-        return super()._maybe_log_rollout_trees(advantages)
+        return super()._maybe_log_rollout_trees(result, rewards_per_func, advantages)
 
 
 def env_args(tmp_path, **overrides):
@@ -437,7 +437,7 @@ def train_guessing(
         environment_factory=environment_factory,
     )
     if script is None:
-        trainer.generator = PromptScript(trainer.generator, tok, fixed_first_guess)
+        trainer.rollout_backend.generator = PromptScript(trainer.rollout_backend.generator, tok, fixed_first_guess)
     else:
         script(trainer, tok)
     trainer.train()
@@ -500,7 +500,7 @@ def fake_trainer(tok):
     """What `tool_suffix_ids` and TRL's `_get_tool_suffix_ids` read from a GRPOTrainer, as TRL sets it up."""
     template = None if is_chat_template_prefix_preserving(tok) else get_training_chat_template(tok)
     return types.SimpleNamespace(
-        processing_class=tok, _tokenizer=tok, chat_template=template, chat_template_kwargs={}, _is_vlm=False
+        processing_class=tok, _tokenizer=tok, chat_template=template, chat_template_kwargs={}, _is_vlm=False, tools=None
     )
 
 
@@ -509,16 +509,14 @@ def chat_protocol(with_schema=True):
     trainer would hold it, and its tokenizer."""
     from trl.chat_template_utils import add_response_schema
 
+    from arpo_trl.rollout.plain_text import ChatContext
     from arpo_trl.rollout.protocols import ChatTemplateProtocol
     from arpo_trl.testing import chat_template_tokenizer
 
     tok = chat_template_tokenizer()
     trainer = fake_trainer(add_response_schema(tok) if with_schema else tok)
     trainer.tools = [calc]
-    protocol = ChatTemplateProtocol(trainer)
-    protocol.prompt_ids = [tok.apply_chat_template([{"role": "user", "content": "Add 1 and 2."}],
-                                                   add_generation_prompt=True, tokenize=True, return_dict=False)]  # fmt: skip
-    return protocol, trainer._tokenizer
+    return ChatTemplateProtocol(ChatContext.of(trainer)), trainer._tokenizer
 
 
 # ------------------------------------------------------------ two ranks under accelerate launch (test_distributed.py)

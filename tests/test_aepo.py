@@ -129,7 +129,6 @@ def test_without_rounds_each_decision_is_a_round_and_no_penalty_is_arpo():
     assert [policy.decide(0.0, group=3).consecutive for _ in range(5)] == [0, 1, 2, 3, 0]
     arpo = _policy(rate=0.0)
     assert all(arpo.decide(0.0, group=0, round=r).fork for r in range(1, 30))
-    assert policy.consecutive_seen == [0, 1, 2, 3, 0]
 
 
 def test_aepo_official_rule_in_the_policy_reads_alpha_as_a_threshold():
@@ -471,32 +470,34 @@ def test_two_ranks_with_aepo_on_and_different_trees_finish(tmp_path, tool_model_
 
 @pytest.mark.parametrize("split", ["official", "paper"])
 def test_dynamic_budget_starts_m_roots_per_prompt_from_the_probe(tool_model, tokenizer, tmp_path, monkeypatch, split):
+    import arpo_trl.rollout.backends as backends
     import arpo_trl.trainer as trainer_module
     from arpo_trl.aepo import probe_entropies, segment_windows
     from arpo_trl.rollout.entropy import window_entropy
 
     probes = []
 
-    class Probing(trainer_module.RoundDriver):
+    class Probing(backends.RoundDriver):
         def run(self, prompt_ids, environments=None):
             trajectories, stats = super().run(prompt_ids, environments)
             if self.s.group_size == 2:  # the probe: one root per prompt and its duplicate
                 probes.append(trajectories)
             return trajectories, stats
 
-    monkeypatch.setattr(trainer_module, "RoundDriver", Probing)
+    monkeypatch.setattr(backends, "RoundDriver", Probing)
     trainer = _trainer(
         tool_model, tokenizer, tmp_path, dynamic_rollouts=split, aepo_budget_sensitivity=2.0,
         branch_base_probability=0.0, branch_entropy_weight=0.0, max_steps=1,
     )  # fmt: skip
     seen = []
-    original = trainer._aepo_dynamic_budget
+    original = trainer_module.dynamic_initial_rollouts
 
-    def spy(mode, prompt_ids, common):
-        original(mode, prompt_ids, common)
-        seen.append(common["settings"].initial_rollouts)
+    def spy(*args, **kwargs):
+        initial, figures = original(*args, **kwargs)
+        seen.append(initial)
+        return initial, figures
 
-    trainer._aepo_dynamic_budget = spy
+    monkeypatch.setattr(trainer_module, "dynamic_initial_rollouts", spy)
     trainer.train()
     (initial,) = seen
     (probe,) = probes
@@ -512,7 +513,7 @@ def test_dynamic_budget_starts_m_roots_per_prompt_from_the_probe(tool_model, tok
         assert windows and not math.isnan(windows[0])  # the first segment's entropy was measured
         expected.append(formula(m, *probe_entropies(windows, official=split == "official"), 2.0))
     assert initial == expected and len(initial) == 1  # one prompt per step here
-    record = trainer.last_rollout
+    record = trainer.observed_rollout
     for g, n in enumerate(initial):
         group = [t for t in record.trajectories if t.group == g]
         assert sum(t.kind == "root" for t in group) == n  # α = β = 0: no fork, the other M − m are fresh

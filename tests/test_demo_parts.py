@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from arpo_trl.demo import DEMO_SYSTEM_PROMPT, _expression, _trace, arithmetic
+from arpo_trl.cold_start import _expression, _trace
+from arpo_trl.data import arithmetic
+from arpo_trl.prompts import DEMO_SYSTEM_PROMPT
 from arpo_trl.rewards import arpo_f1_reward
 from arpo_trl.tools import PythonInterpreter, format_result
 

@@ -331,11 +331,11 @@ def test_trl_tool_metrics_are_logged(tool_model, tokenizer, tmp_path, tool, fail
     )  # fmt: skip
     name = tool.__name__
     arg = {"expression": "4+5"}
-    trainer.generator = ScriptedTurns(
-        trainer.generator, chat_tok, lambda turn, row: tool_call(name, **arg) if turn == 0 else None
+    trainer.rollout_backend.generator = ScriptedTurns(
+        trainer.rollout_backend.generator, chat_tok, lambda turn, row: tool_call(name, **arg) if turn == 0 else None
     )
     trainer.train()
-    trajs = trainer.last_rollout.trajectories
+    trajs = trainer.observed_rollout.trajectories
     log = [e for e in trainer.state.log_history if "loss" in e][0]
     assert log["tools/call_frequency"] == pytest.approx(sum(len(t.tool_events) for t in trajs) / len(trajs))
     assert log["tools/call_frequency"] >= 1.0  # every root called once before any branch
@@ -423,10 +423,10 @@ def test_environment_is_forked_with_its_branch(tool_model, tokenizer, tmp_path, 
             return tool_call("add", n=10 * (row + 1))  # a distinct amount for every trajectory
         return "Done."
 
-    trainer.generator = ScriptedTurns(trainer.generator, chat_tok, script)
+    trainer.rollout_backend.generator = ScriptedTurns(trainer.rollout_backend.generator, chat_tok, script)
     ForkingCounterEnv.forks = 0
     trainer.train()
-    trajs = trainer.last_rollout.trajectories
+    trajs = trainer.observed_rollout.trajectories
     branches = [t for t in trajs if t.kind == "branch"]
     assert len(branches) == 2 * (M - 2)  # 2 groups × (M − N) slots, all filled by forks
     for branch in branches:

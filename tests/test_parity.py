@@ -95,7 +95,7 @@ def test_same_completions_give_grpos_loss_and_gradients(tool_model_state, tokeni
                 advantage_attribution=attribution,
             )
             trainer = ARPOTrainer(args=args, tools=[calc], **common)  # tools present, never called
-            trainer.generator = FixedGenerator(tokenizer)
+            trainer.rollout_backend.generator = FixedGenerator(tokenizer)
         trainer.train()
         delta = {k: before[k] - v.detach() for k, v in trainer.model.named_parameters()}
         results[name] = ([e for e in trainer.state.log_history if "loss" in e][0], delta)

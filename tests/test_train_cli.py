@@ -82,7 +82,7 @@ def test_yaml_recipe_with_overrides_trains_logs_to_wandb_and_writes_the_card(
     assert isinstance(trainer, ARPOTrainer) and isinstance(trainer.model, PeftModel)
     assert trainer.state.global_step == 1  # the CLI won over the YAML's 5
     assert trainer.args.branch_factor == 2 and trainer.args.initial_rollouts == 2
-    assert trainer.last_rollout.stats.branches == 2 * 2  # Z = 2 copies fill M − N = 2 slots at the first decision
+    assert trainer.observed_rollout.stats.branches == 2 * 2  # Z = 2 copies fill M − N = 2 slots at the first decision
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
     # wandb (offline) recorded ARPO's and the tools' metrics

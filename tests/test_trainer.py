@@ -28,7 +28,7 @@ class RecordingTrainer(ARPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
-        self.batches.append({"rollout": self.last_rollout, "rewards": self._rewards, "out": out})
+        self.batches.append({"rollout": self.observed_rollout, "rewards": self._rewards, "out": out})
         return out
 
 
@@ -313,7 +313,9 @@ def test_drop_in_with_a_plain_grpo_config(tool_model, tokenizer, tmp_path):
     assert isinstance(trainer.args, ARPOConfig) and trainer.initial_rollouts == M // 2  # tools: N = M // 2
     assert trainer.args.tool_format == "chat_template" and [f.__name__ for f in trainer.tools] == ["calc"]
     call = json.dumps({"name": "calc", "arguments": {"expression": "4+5"}})
-    trainer.generator = FirstTurnScripted(trainer.generator, chat_tok, f"<tool_call>\n{call}\n</tool_call>")
+    trainer.rollout_backend.generator = FirstTurnScripted(
+        trainer.rollout_backend.generator, chat_tok, f"<tool_call>\n{call}\n</tool_call>"
+    )
     trainer.train()
     trajs = trainer.batches[0]["rollout"].trajectories
     assert len(trajs) == 8
@@ -328,12 +330,13 @@ def test_evaluation_keeps_plain_sampling_with_tools(tool_model, tokenizer, arpo_
     class RoomToBranch(ARPOTrainer):
         force_branching = False
 
-        def _rollout_settings(self, mode):
-            settings = super()._rollout_settings(mode)
+        def _rollout_parts(self, mode):
+            parts = super()._rollout_parts(mode)
             if mode != "eval":
-                return settings
-            room = dataclasses.replace(settings, group_size=2, initial_rollouts=1)  # rows come in prompt pairs
-            return dataclasses.replace(room, branching=True) if self.force_branching else room
+                return parts
+            room = dataclasses.replace(parts.settings, group_size=2, initial_rollouts=1)  # rows come in prompt pairs
+            parts.settings = dataclasses.replace(room, branching=True) if self.force_branching else room
+            return parts
 
     args = arpo_config(per_device_eval_batch_size=4, num_generations_eval=2)
     trainer = RoomToBranch(
@@ -347,15 +350,15 @@ def test_evaluation_keeps_plain_sampling_with_tools(tool_model, tokenizer, arpo_
     )
     assert trainer.args.branch_base_probability == 1.0 and trainer.args.branch_entropy_weight == 0.0
     metrics = trainer.evaluate()
-    record = trainer.last_rollout
-    assert record.mode == "eval" and record.stats.branches == 0 and record.stats.branch_probabilities == []
+    record = trainer.observed_rollout
+    assert trainer.observed_mode == "eval" and record.stats.branches == 0 and record.stats.branch_probabilities == []
     assert all(t.kind != "branch" for t in record.trajectories)
     assert "eval_reward" in metrics and metrics["eval_tools/calls_per_completion"] > 0  # results to fork at
     # control: the same evaluation with branching on forks at those results
     trainer.force_branching = True
     trainer.evaluate()
-    assert trainer.last_rollout.stats.branches > 0
-    assert any(t.kind == "branch" for t in trainer.last_rollout.trajectories)
+    assert trainer.observed_rollout.stats.branches > 0
+    assert any(t.kind == "branch" for t in trainer.observed_rollout.trajectories)
 
 
 def test_constructor_rejects_what_arpo_cannot_do(tool_model, tokenizer, arpo_config):
@@ -427,7 +430,9 @@ def test_chat_template_tool_format_with_the_sandboxed_interpreter(tool_model, to
     args = arpo_config(tool_format="chat_template", max_completion_length=160, max_steps=1)
     trainer = make_trainer(tool_model, chat_tok, args, tools=[PythonInterpreter(timeout=10)])
     call = json.dumps({"name": "python", "arguments": {"code": "x = 20\nx + 22"}})
-    trainer.generator = FirstTurnScripted(trainer.generator, chat_tok, f"<tool_call>\n{call}\n</tool_call>")
+    trainer.rollout_backend.generator = FirstTurnScripted(
+        trainer.rollout_backend.generator, chat_tok, f"<tool_call>\n{call}\n</tool_call>"
+    )
     trainer.train()
 
     batch = trainer.batches[0]

@@ -77,7 +77,6 @@ class BranchPolicy:
         self._round: int | None = None
         self._forked: set[int] = set()  # groups that forked in the open round
         self._decided: set[int] = set()  # groups that decided in the open round
-        self.consecutive_seen: list[int] = []  # c at each decision of this rollout (metrics)
 
     def reseed(self, seed: int) -> None:
         self.rng.seed(seed)
@@ -112,7 +111,6 @@ class BranchPolicy:
             else:
                 fork = (self.alpha + self.beta * delta_h) * (1.0 - penalty) > self.threshold
         if group is not None:
-            self.consecutive_seen.append(c)
             if self.rounds and round is not None:
                 self._decided.add(group)
                 if fork:

@@ -42,7 +42,7 @@ class ChatContext:
             tokenizer=trainer._tokenizer,
             chat_template=trainer.chat_template,
             chat_template_kwargs=dict(trainer.chat_template_kwargs or {}),
-            tools=trainer.tools,
+            tools=getattr(trainer, "tools", None),
             is_vlm=bool(trainer._is_vlm),
         )
 

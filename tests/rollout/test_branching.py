@@ -30,7 +30,7 @@ def rollout(tok, driver, rate, m=8, n=1, groups=1, calls=4):
 def test_penalty_damps_consecutive_forks_in_the_tree(tokenizer, driver):
     trajs, stats, policy = rollout(tokenizer, driver, rate=0.5)
     events = [e for t in trajs for e in t.branch_events]
-    assert events and len(policy.consecutive_seen) == len(events) == len(stats.branch_probabilities)
+    assert events and len(stats.consecutive_branches) == len(events) == len(stats.branch_probabilities)
     # each decision forks exactly when its prompt did not fork in its previous round (P = 1), never at P = 0.5
     assert all(bool(e.forked_slots) == (e.probability == 1.0) for e in events)
     assert any(e.probability == 0.5 for e in events)  # the penalty reached the tree
@@ -41,8 +41,8 @@ def test_penalty_damps_consecutive_forks_in_the_tree(tokenizer, driver):
 
 
 def test_without_rounds_each_decision_of_the_prompt_is_a_round(tokenizer):
-    _, _, policy = rollout(tokenizer, "async", rate=0.5)
-    seen = policy.consecutive_seen
+    _, stats, _ = rollout(tokenizer, "async", rate=0.5)
+    seen = stats.consecutive_branches
     assert len(seen) >= 3
     # fork (c = 0 → 1), no fork (c = 1 → 0), fork, ...: one prompt, decisions in order
     assert seen == [i % 2 for i in range(len(seen))]

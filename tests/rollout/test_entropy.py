@@ -120,7 +120,7 @@ def test_recorder_refuses_an_unknown_estimator():
 
 def test_recorder_stops_after_k_steps_and_segments_stay_aligned():
     """ARPO reads only a segment's first k entropies: the recorder stops there, later tokens are NaN-padded."""
-    from arpo_trl.rollout.generation import split_segments
+    from arpo_trl.rollout.generation import output_segments
 
     recorder = EntropyRecorder(temperature=1.0, max_steps=3)
     recorder.arm()
@@ -128,7 +128,7 @@ def test_recorder_stops_after_k_steps_and_segments_stay_aligned():
         recorder(None, (), torch.zeros(2, 1, 10))
     recorded = recorder.disarm()
     assert recorded.shape == (2, 3)
-    segments = split_segments(torch.tensor([[5, 6, 7, 8, 9], [5, 6, 0, 0, 0]]), recorded, [5, 5], [0], None, 0)
+    segments = output_segments(torch.tensor([[5, 6, 7, 8, 9], [5, 6, 0, 0, 0]]), recorded, [5, 5], [0], None, 0)
     assert [len(s.ids) for s in segments] == [5, 3] and [len(s.entropies) for s in segments] == [5, 3]
     assert segments[0].entropies[:3] == pytest.approx([math.log(10)] * 3) and math.isnan(segments[0].entropies[4])
     assert segments[1].finish == "eos"

@@ -308,9 +308,9 @@ def test_a_remote_environment_with_fork_trains_and_each_branch_plays_its_own_epi
     def script(turn, row):
         return tool_call("add", n=1) if turn == 0 else tool_call("add", n=10 * (row + 1)) if turn == 1 else "Done."
 
-    trainer.generator = ScriptedTurns(tok, script)
+    trainer.rollout_backend.generator = ScriptedTurns(tok, script)
     trainer.train()
-    trajs = trainer.last_rollout.trajectories
+    trajs = trainer.observed_rollout.trajectories
     branches = [t for t in trajs if t.kind == "branch"]
     assert len(branches) == 2 * (M - 2)  # 2 groups × (M − N) slots, all filled by forks
     for branch in branches:

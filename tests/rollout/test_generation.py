@@ -242,9 +242,9 @@ def test_first_stop_keeps_each_rows_first_firing_length_and_passes_everything_th
     assert received == [("scores5", {"step": 5}), ("scores6", {"step": 6}), ("scores7", {"step": 7})]
 
 
-def test_split_segments_cuts_each_row_at_its_eos_its_first_stop_or_its_own_budget():
+def test_output_segments_cuts_each_row_at_its_eos_its_first_stop_or_its_own_budget():
     """Six rows of one batch (prompt width 10, EOS id 9, the recorder stopped after 4 steps)."""
-    from arpo_trl.rollout.generation import _FirstStop, split_segments
+    from arpo_trl.rollout.generation import _FirstStop, output_segments
 
     new_ids = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 9, 4, 5, 6], [1, 2, 3, 4, 5, 6],
                             [1, 2, 3, 4, 5, 6], [1, 9, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]])  # fmt: skip
@@ -252,7 +252,7 @@ def test_split_segments_cuts_each_row_at_its_eos_its_first_stop_or_its_own_budge
     stop = _FirstStop(None)
     stop.first = torch.tensor([13, 13, 15, 14, 14, -1])
     budgets = [6, 6, 3, 4, 6, 6]
-    segments = split_segments(new_ids, entropies, budgets, [9], stop, prompt_width=10)
+    segments = output_segments(new_ids, entropies, budgets, [9], stop, prompt_width=10)
 
     def seen(values):
         return [None if math.isnan(v) else v for v in values]
@@ -267,7 +267,7 @@ def test_split_segments_cuts_each_row_at_its_eos_its_first_stop_or_its_own_budge
     ]
     assert seen(segments[5].entropies) == [20.0, 21.0, 22.0, 23.0, None, None]
     assert seen(segments[3].entropies) == [12.0, 13.0, 14.0, 15.0]
-    unmeasured = split_segments(new_ids[:1], None, [6], [9], None, prompt_width=10)
+    unmeasured = output_segments(new_ids[:1], None, [6], [9], None, prompt_width=10)
     assert (unmeasured[0].ids, seen(unmeasured[0].entropies)) == ([1, 2, 3, 4, 5, 6], [None] * 6)
 
 

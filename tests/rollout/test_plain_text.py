@@ -27,8 +27,8 @@ def test_a_tool_message_without_content_renders_as_an_empty_one():
     from arpo_trl.rollout.plain_text import tool_suffix_ids
 
     protocol, _ = chat_protocol()
-    empty = tool_suffix_ids(protocol.trainer, [{"role": "tool", "name": "calc", "content": ""}])
-    assert tool_suffix_ids(protocol.trainer, [{"role": "tool", "name": "calc"}]) == empty
+    empty = tool_suffix_ids(protocol.chat, [{"role": "tool", "name": "calc", "content": ""}])
+    assert tool_suffix_ids(protocol.chat, [{"role": "tool", "name": "calc"}]) == empty
 
 
 def _template_trainer(tok, template):
@@ -46,13 +46,13 @@ _TURNS += "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 def test_a_template_that_cuts_a_tool_message_short_is_refused(tokenizer):
     """The content's closing marker never renders: the plain span cannot be found, and the tool turn is refused
     with the reason rather than tokenized with the tool's text live."""
-    from arpo_trl.rollout.plain_text import tool_suffix_ids
+    from arpo_trl.rollout.plain_text import ChatContext, tool_suffix_ids
 
     template = _TURNS.replace("{{ EXTRA }}", "").replace("{{ CONTENT }}", "{{ m.content[:30] }}")
     trainer = _template_trainer(tokenizer, template)
     message = "the chat template must render each tool message's content exactly once"
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
-        tool_suffix_ids(trainer, [{"role": "tool", "name": "calc", "content": "abc"}])
+        tool_suffix_ids(ChatContext.of(trainer), [{"role": "tool", "name": "calc", "content": "abc"}])
 
 
 def test_a_template_that_rewrites_the_history_is_refused_as_trl_refuses_it(tokenizer):
@@ -60,7 +60,7 @@ def test_a_template_that_rewrites_the_history_is_refused_as_trl_refuses_it(token
     followed by the tool turn, so there is no suffix to append (TRL raises the same error)."""
     from trl import GRPOTrainer
 
-    from arpo_trl.rollout.plain_text import tool_suffix_ids
+    from arpo_trl.rollout.plain_text import ChatContext, tool_suffix_ids
 
     template = _TURNS.replace("{{ EXTRA }}", "{% if loop.last %} last{% endif %}").replace(
         "{{ CONTENT }}", "{{ m.content }}"
@@ -68,9 +68,10 @@ def test_a_template_that_rewrites_the_history_is_refused_as_trl_refuses_it(token
     trainer = _template_trainer(tokenizer, template)
     messages = [{"role": "tool", "name": "calc", "content": "3"}]
     message = "Unexpected tokenization: the EOS-trimmed prefix IDs are not a prefix of the full IDs."
-    for suffix in (tool_suffix_ids, GRPOTrainer._get_tool_suffix_ids):
-        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
-            suffix(trainer, messages)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        tool_suffix_ids(ChatContext.of(trainer), messages)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        GRPOTrainer._get_tool_suffix_ids(trainer, messages)
 
 
 class CharTokenizer(PythonBackend):

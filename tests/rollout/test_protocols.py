@@ -9,6 +9,7 @@ Its calls must succeed, the reward must see the list, and the model must read th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sqlite3
@@ -98,7 +99,7 @@ def test_a_signal_alarm_tool_returning_a_list_works_as_under_trl(tool_model, tmp
         model=tool_model, reward_funcs=[reward], args=args, train_dataset=calc_dataset(8), processing_class=tok,
         tools=[run_sql],
     )  # fmt: skip
-    trainer.generator = ScriptedTurns(
+    trainer.rollout_backend.generator = ScriptedTurns(
         tok, lambda turn, row: tool_call("run_sql", query=QUERY) if turn == 0 else "Done."
     )
     with caplog.at_level(logging.WARNING, logger="arpo_trl.trainer"):
@@ -114,7 +115,7 @@ def test_a_signal_alarm_tool_returning_a_list_works_as_under_trl(tool_model, tmp
     # The model read exactly the tokens TRL's own tool loop appends for that message (its template renders the list).
     message = {"role": "tool", "name": "run_sql", "content": ROWS}
     expected = trainer._get_tool_suffix_ids([message])
-    for traj in trainer.last_rollout.trajectories:
+    for traj in trainer.observed_rollout.trajectories:
         result = [i for i, m in zip(traj.completion_ids, traj.tool_mask, strict=True) if m == 0]
         assert result == expected
     assert "[('Lagos', 15400000), ('Lima', 10700000)]" in tok.decode(expected)
@@ -141,11 +142,13 @@ def test_when_every_call_fails_the_log_says_so_once_per_rollout(tool_model, tmp_
         model=tool_model, reward_funcs=[EvidenceReward()], args=args, train_dataset=calc_dataset(8),
         processing_class=tok, tools=[broken],
     )  # fmt: skip
-    trainer.generator = ScriptedTurns(tok, lambda turn, row: tool_call("broken", query="x") if turn == 0 else "Done.")
+    trainer.rollout_backend.generator = ScriptedTurns(
+        tok, lambda turn, row: tool_call("broken", query="x") if turn == 0 else "Done."
+    )
     with caplog.at_level(logging.WARNING, logger="arpo_trl.trainer"):
         trainer.train()
     warnings = [r.getMessage() for r in caplog.records if "every tool call" in r.getMessage()]
-    calls = [len(t.tool_events) for t in trainer.last_rollout.trajectories]
+    calls = [len(t.tool_events) for t in trainer.observed_rollout.trajectories]
     assert len(warnings) == 2  # one per rollout (two steps), not one per call
     assert warnings[0].startswith("every tool call of this train rollout failed (")
     assert warnings[0].endswith("the last error: Error: tool 'broken' failed: ConnectionError: database is down")
@@ -231,7 +234,7 @@ def test_chat_protocol_types_arguments_with_the_tools_schema():
         """
         return str(a + b)
 
-    protocol.trainer.tools = [add]
+    protocol.chat = dataclasses.replace(protocol.chat, tools=[add])
     traj, seg = _turn(tok, '<tool_call>\n{"name": "add", "arguments": {"a": "7", "b": 2}}\n</tool_call>')
     assert protocol.calls(traj, seg) == [ToolCall("add", {"a": 7, "b": 2})]
 
@@ -251,11 +254,11 @@ def test_chat_protocol_answers_each_call_with_a_tool_turn_and_hands_rewards_the_
     calls = [ToolCall("calc", {"expression": "1+2"}), ToolCall("calc", {"expression": "2+2"})]
     ids = protocol.result_ids(traj, calls, [ToolResult("3"), ToolResult("4")])
     results = [{"role": "tool", "name": "calc", "content": "3"}, {"role": "tool", "name": "calc", "content": "4"}]
-    assert traj.messages == results and ids == tool_suffix_ids(protocol.trainer, results)
+    assert traj.messages == results and ids == tool_suffix_ids(protocol.chat, results)
     notice = protocol.limit_notice_ids(traj, calls[:1], 2)
     assert traj.messages[-1]["name"] == "calc" and traj.messages[-1]["content"].startswith(
         "Error: the tool-call limit (2) is reached"
     )
-    assert notice == tool_suffix_ids(protocol.trainer, [traj.messages[-1]])
+    assert notice == tool_suffix_ids(protocol.chat, [traj.messages[-1]])
     assert protocol.completion(traj, conversational=True) is traj.messages
     assert protocol.completion(traj, conversational=False) == "x"

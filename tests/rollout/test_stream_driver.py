@@ -381,9 +381,9 @@ def test_tool_seconds_sum_the_calls_and_tools_run_in_the_bounded_pool(tokenizer)
 
     slow.__name__ = "calc"
     rollout = async_rollout(tokenizer, m=4, n=4, calls=2, tools=(slow,), max_workers=1)
-    rollout.run([tokenizer.encode("Add 1 and 2.")] * 4)
+    _, stats = rollout.run([tokenizer.encode("Add 1 and 2.")] * 4)
     assert most[0] == 1  # max_workers=1: one call at a time, across trajectories
-    assert 8 * 0.05 <= rollout.tool_seconds < 30  # 8 calls, each timed from submission (queued ones wait longer)
+    assert 8 * 0.05 <= stats.tool_seconds < 30  # 8 calls, each timed from submission (queued ones wait longer)
 
 
 class Observed(ScriptedEngine):
@@ -439,13 +439,13 @@ def test_the_async_driver_counts_requests_prompt_and_cached_tokens_and_forks_pre
     trajs, stats = rollout.run([prompt] * 4)
     prompts = [len(a["prompt"]) for a in engine.args.values()]
     assert stats.rounds == len(engine.args)  # one request per segment
-    assert rollout.prompt_tokens == sum(prompts)
-    assert rollout.cached_tokens == sum(n // 2 for n in prompts if n != len(prompt)) > 0
+    assert stats.prompt_tokens == sum(prompts)
+    assert stats.cached_tokens == sum(n // 2 for n in prompts if n != len(prompt)) > 0
     # One entry per fork, for its first request (the parent's prefix): (its prompt tokens, of those cached).
     forks = [t for t in trajs if t.kind == "branch"]
     assert stats.branches == len(forks) > 0
     expected = sorted((len(prompt) + t.fork_position, (len(prompt) + t.fork_position) // 2) for t in forks)
-    assert sorted(rollout.fork_prefills) == expected
+    assert sorted(stats.fork_prefills) == expected
 
 
 def test_the_async_driver_keeps_every_tokens_sampling_logprob(tokenizer):
@@ -474,9 +474,8 @@ def test_no_trajectory_is_left_awaiting_a_decision(tokenizer):
 
 
 def test_tool_seconds_are_zero_without_tool_calls(tokenizer):
-    rollout = async_rollout(tokenizer, calls=0)
-    rollout.run([tokenizer.encode("Add 1 and 2.")] * 2)
-    assert rollout.tool_seconds == 0.0
+    _, stats = async_rollout(tokenizer, calls=0).run([tokenizer.encode("Add 1 and 2.")] * 2)
+    assert stats.tool_seconds == 0.0
 
 
 def test_an_aborted_request_stops_the_rollout_at_once_with_its_id(tokenizer):

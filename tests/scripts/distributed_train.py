@@ -50,11 +50,9 @@ class CountingTrainer(ARPOTrainer):
         self.branches = 0
         self.rounds = 0
 
-    def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
-        self.branches += self.last_rollout.stats.branches
-        self.rounds += self.last_rollout.stats.rounds
-        return out
+    def on_rollout(self, mode, result):
+        self.branches += result.stats.branches
+        self.rounds += result.stats.rounds
 
 
 def main(output_dir: str, extra: list[str]) -> None:
@@ -83,8 +81,8 @@ def main(output_dir: str, extra: list[str]) -> None:
     report = {
         "rank": rank,
         "world": trainer.accelerator.num_processes,
-        "generate_calls": trainer.generator.calls,
-        "idle_calls": trainer.generator.idle_calls,
+        "generate_calls": trainer.rollout_backend.generator.calls,
+        "idle_calls": trainer.rollout_backend.generator.idle_calls,
         "rounds": trainer.rounds,
         "branches": trainer.branches,
         "global_step": trainer.state.global_step,

@@ -131,7 +131,7 @@ def test_jsonl_questions_tools_and_bad_arguments(tmp_path, capsys):
     assert load_questions(str(data), 1, 0, "S", tools) == [[{"role": "system", "content": "S"}, prompts[0][1]]]
     fixture = load_questions("fixture:calc", 2, 0, None, tools)
     assert len(fixture) == 2 and fixture[0][1]["content"].startswith("Add ")
-    from arpo_trl.demo import DEMO_SYSTEM_PROMPT
+    from arpo_trl.prompts import DEMO_SYSTEM_PROMPT
 
     demo = load_questions("demo:arithmetic", 3, 0, None, tools)
     assert [p[0]["content"] for p in demo] == [DEMO_SYSTEM_PROMPT] * 3  # the prompt the cold start learnt

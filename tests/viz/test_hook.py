@@ -16,14 +16,10 @@ M, N = 4, 2
 class TreeLoggingTrainer(ARPOTrainer):
     """Records what the built-in hook (`log_rollout_trees=1`) was given, to check the page against it."""
 
-    def _calculate_rewards(self, *args, **kwargs):
-        self._rewards_per_func = super()._calculate_rewards(*args, **kwargs)
-        return self._rewards_per_func
-
-    def _maybe_log_rollout_trees(self, advantages):
-        rewards = (self._rewards_per_func * self.reward_weights.to(self._rewards_per_func.device)).nansum(dim=1)
-        self.seen = (self.last_rollout, rewards.clone(), advantages.clone())
-        super()._maybe_log_rollout_trees(advantages)
+    def _maybe_log_rollout_trees(self, result, rewards_per_func, advantages):
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+        self.seen = (result, rewards.clone(), advantages.clone())
+        super()._maybe_log_rollout_trees(result, rewards_per_func, advantages)
 
 
 @pytest.fixture

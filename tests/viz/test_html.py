@@ -120,10 +120,10 @@ def test_hand_made_page_is_valid_self_contained_and_shows_the_numbers(tokenizer,
 
 
 def test_real_rollout_page_matches_the_batch(branching_batch, tokenizer, tmp_path):
-    from arpo_trl.trainer import RolloutRecord
+    from arpo_trl.rollout.backends import RolloutResult
 
     batch, rewards, advantages = branching_batch
-    record = RolloutRecord("train", batch.prompt_ids, batch.trajectories, batch.stats)
+    record = RolloutResult(batch.trajectories, batch.stats)
     path = render_tree(record, tokenizer, rewards, advantages, tmp_path / "real.html", token_entropies=batch.entropies,
                        entropy_window=4, vocab_size=len(tokenizer))  # fmt: skip
     page = path.read_text(encoding="utf-8")

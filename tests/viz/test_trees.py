@@ -8,15 +8,15 @@ from viz_fixtures import hand_group
 
 from arpo_trl.rollout.entropy import window_entropy
 from arpo_trl.rollout.trajectory import BRANCH, DUPLICATE, FRESH, ROOT
-from arpo_trl.viz import build_trees, split_segments
+from arpo_trl.viz import build_trees, mask_spans
 from arpo_trl.viz.sampling import teacher_forced_entropies
 
 
-def test_split_segments_end_where_the_model_resumes():
-    assert split_segments([1, 1, 0, 0, 1, 1, 0, 1]) == [(0, 4), (4, 7), (7, 8)]
-    assert split_segments([1, 1, 1]) == [(0, 3)]
-    assert split_segments([1, 0, 0]) == [(0, 3)]  # a call-limit EOS written by the environment ends the row
-    assert split_segments([]) == []
+def test_mask_spans_end_where_the_model_resumes():
+    assert mask_spans([1, 1, 0, 0, 1, 1, 0, 1]) == [(0, 4), (4, 7), (7, 8)]
+    assert mask_spans([1, 1, 1]) == [(0, 3)]
+    assert mask_spans([1, 0, 0]) == [(0, 3)]  # a call-limit EOS written by the environment ends the row
+    assert mask_spans([]) == []
 
 
 def test_hand_made_tree_structure_decisions_and_advantages(tokenizer):

@@ -25,7 +25,7 @@ def test_aepo_preset_trains_on_the_vllm_driver(tokenizer, tool_model_state, tmp_
         train_dataset=calc_dataset(16), processing_class=tokenizer, tools=[calc],
     )  # fmt: skip
     try:
-        assert trainer.vllm_engine is not None and not trainer.branch_policy.rounds  # no rounds on this driver
+        assert trainer.rollout_backend.engine is not None and not trainer.branch_policy.rounds  # no rounds here
         trainer.train()
         logged = {k: v for entry in trainer.state.log_history for k, v in entry.items()}
         assert trainer.state.global_step == 2
@@ -33,12 +33,12 @@ def test_aepo_preset_trains_on_the_vllm_driver(tokenizer, tool_model_state, tmp_
         assert logged["aepo/probe_sampled_tokens"] > 0
         for key in ("aepo/clipped_gradient_kept_share", "aepo/advantage_sign_flip_share"):
             assert 0.0 <= logged[key] <= 1.0
-        record = trainer.last_rollout
+        record = trainer.observed_rollout
         for g in range(len(record.trajectories) // 4):
             group = [t for t in record.trajectories if t.group == g]
             assert sum(t.kind == "root" for t in group) == 2 and len(group) == 4
-        seen = trainer.branch_policy.consecutive_seen  # each decision of a prompt is its round here
+        seen = record.stats.consecutive_branches  # each decision of a prompt is its round here
         assert all(c >= 0 for c in seen)
         assert all(math.isfinite(p.sum().item()) for p in trainer.model.parameters())
     finally:
-        trainer.vllm_engine.shutdown()
+        trainer.rollout_backend.engine.shutdown()

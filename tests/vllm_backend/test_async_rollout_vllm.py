@@ -78,8 +78,8 @@ def test_real_rollout_forks_share_prefixes_and_keep_exactly_m(engine, tokenizer)
             cut = t.fork_position
             assert t.completion_ids[:cut] == trajs[t.parent].completion_ids[:cut]
             assert tokenizer.decode(t.completion_ids[:cut]).endswith("</result>")
-    assert len(rollout.fork_prefills) == stats.branches > 0
-    for prompt_tokens, cached in rollout.fork_prefills:
+    assert len(stats.fork_prefills) == stats.branches > 0
+    for prompt_tokens, cached in stats.fork_prefills:
         assert cached == (prompt_tokens - 1) // engine.block_size * engine.block_size  # every cacheable block
 
 
@@ -104,6 +104,6 @@ def test_speculative_forks_on_the_real_engine_are_kept_or_aborted(engine, tokeni
             assert stats.branches == 2 and stats.discarded_forks == 0
             for t in trajs[2:]:
                 assert t.completion_ids[: t.fork_position] == trajs[t.parent].completion_ids[: t.fork_position]
-            assert len(rollout.fork_prefills) == 2
+            assert len(stats.fork_prefills) == 2
         else:
             assert stats.branches == 0 and stats.discarded_forks == decisions and stats.fresh == 2

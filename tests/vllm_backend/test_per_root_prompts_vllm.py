@@ -55,8 +55,8 @@ def test_each_trajectory_streams_from_its_own_prompt_and_forks_from_the_cache(en
         mine = [p for r, p in requests.prompts.items() if r.split("-")[2:4] == [str(t.slot), t.kind]]
         assert mine and all(p == t.prompt_ids + t.completion_ids[: len(p) - len(t.prompt_ids)] for p in mine)
     # A fork's first request is its parent's prompt and prefix: every full block of it came from the cache.
-    assert len(rollout.fork_prefills) == stats.branches
-    for prompt_tokens, cached in rollout.fork_prefills:
+    assert len(stats.fork_prefills) == stats.branches
+    for prompt_tokens, cached in stats.fork_prefills:
         assert cached == (prompt_tokens - 1) // engine.block_size * engine.block_size
 
 
@@ -108,8 +108,8 @@ def test_random_reset_environment_trains_on_the_vllm_driver(tokenizer, tool_mode
     engines = []
 
     def script(trainer, tok):
-        trainer.vllm_engine = ScriptedStreams(trainer.vllm_engine, tok)
-        engines.append(trainer.vllm_engine)
+        trainer.rollout_backend.engine = ScriptedStreams(trainer.rollout_backend.engine, tok)
+        engines.append(trainer.rollout_backend.engine)
 
     try:
         trainer, recorder = train_guessing(

@@ -156,8 +156,8 @@ def test_trainer_in_server_mode_branches_and_pushes_its_weights(server, tokenize
                     assert (lp == 0.0) if not sampled else (lp <= 0.0 and not math.isnan(lp))
         assert sum(b["rollout"].stats.branches for b in trainer.batches) > 0
         # After one more sync, the server's logprobs are the trained model's.
-        trainer._sync_vllm_weights("train")
-        engine = trainer.vllm_engine
+        trainer.rollout_backend.sync_weights(trainer.model, trainer.state.global_step, trainer.accelerator)
+        engine = trainer.rollout_backend.engine
         prompt = prompt_ids(tokenizer, 3, 4, 5)
         result = engine.run(collect(engine, "after-training", prompt, 12, seed=7))
         trained = trainer.accelerator.unwrap_model(trainer.model).eval()
@@ -167,4 +167,4 @@ def test_trainer_in_server_mode_branches_and_pushes_its_weights(server, tokenize
         initial, _ = teacher_forced(wide_model(tokenizer, tool_model_state).eval(), prompt, result.ids)
         assert (initial[torch.arange(len(result.ids)), torch.tensor(result.ids)] - want).abs().max() > 1e-2
     finally:
-        trainer.vllm_engine.shutdown()
+        trainer.rollout_backend.engine.shutdown()

@@ -31,7 +31,7 @@ def trained(tokenizer, tool_model_state, tmp_path_factory):
     )
     trainer.train()
     yield trainer, before, tmp
-    trainer.vllm_engine.shutdown()
+    trainer.rollout_backend.engine.shutdown()
 
 
 def logs(trainer, key):
@@ -76,7 +76,7 @@ def test_forks_prefill_from_the_prefix_cache(trained):
     """A fork's prompt is its parent's prefix through the tool result, which the parent's continuation has just
     prefilled: every full KV block of it must come from the cache."""
     trainer, _, _ = trained
-    block = trainer.vllm_engine.block_size
+    block = trainer.rollout_backend.engine.block_size
     rates = iter(logs(trainer, "vllm/fork_prefix_cache_hit_rate"))  # logged for the steps that forked
     forked = 0
     for batch in trainer.batches:
@@ -100,9 +100,13 @@ def test_engine_serves_the_trained_weights(trained, tokenizer, tool_model_state)
     """After the last optimizer step and a sync, the engine's logprobs are the trained model's, not the initial
     model's."""
     trainer, _, _ = trained
-    trainer._sync_vllm_weights("train")  # the step after the last rollout
+    trainer.rollout_backend.sync_weights(
+        trainer.model, trainer.state.global_step, trainer.accelerator
+    )  # after the last rollout
     prompt = prompt_ids(tokenizer, 3, 4, 5)
-    result = trainer.vllm_engine.run(collect(trainer.vllm_engine, "after-training", prompt, 12, seed=7))
+    result = trainer.rollout_backend.engine.run(
+        collect(trainer.rollout_backend.engine, "after-training", prompt, 12, seed=7)
+    )
     trained_model = trainer.accelerator.unwrap_model(trainer.model).eval()
     log_probs, _ = teacher_forced(trained_model, prompt, result.ids)
     want = log_probs[torch.arange(len(result.ids)), torch.tensor(result.ids)]
@@ -115,7 +119,7 @@ def test_engine_serves_the_trained_weights(trained, tokenizer, tool_model_state)
 
 def test_resume_syncs_the_checkpoint_weights_before_the_first_rollout(trained, tokenizer, tool_model_state):
     trainer, _, tmp = trained
-    trainer.vllm_engine.shutdown()  # one engine at a time on this machine
+    trainer.rollout_backend.engine.shutdown()  # one engine at a time on this machine
     resumed = Recording(
         model=wide_model(tokenizer, tool_model_state),  # initial weights: resume must load and push the checkpoint's
         reward_funcs=[closeness_reward],
@@ -132,4 +136,4 @@ def test_resume_syncs_the_checkpoint_weights_before_the_first_rollout(trained, t
         (ratio,) = [e["sampling/importance_sampling_ratio/mean"] for e in after if "loss" in e]
         assert ratio == pytest.approx(1.0, abs=2e-3)  # the engine sampled with the checkpoint's weights
     finally:
-        resumed.vllm_engine.shutdown()
+        resumed.rollout_backend.engine.shutdown()

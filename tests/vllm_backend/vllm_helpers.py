@@ -119,7 +119,7 @@ def vllm_args(tmp_path, **overrides):
 class Recording(ARPOTrainer):
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
-        self.batches = getattr(self, "batches", []) + [{"rollout": self.last_rollout, "out": out}]
+        self.batches = getattr(self, "batches", []) + [{"rollout": self.observed_rollout, "out": out}]
         return out
 
 
