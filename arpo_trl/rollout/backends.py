@@ -338,13 +338,40 @@ class VLLMBackend:
                               entropy_estimator=self.entropy_estimator, toolset=parts.toolset,
                               frozen_initial=parts.frozen_initial,
                               measure_every_token=self.measure_every_token)  # fmt: skip
-        trajectories, stats = driver.run(prompt_ids, environments, seed=seed)
+        try:
+            trajectories, stats = driver.run(prompt_ids, environments, seed=seed)
+        except Exception as exc:
+            if self.alive():
+                raise
+            raise RolloutBackendError(
+                f"{self.describe()} stopped answering during the rollout ({type(exc).__name__}: {exc}). The step is "
+                "lost; once the engine is back, resume with trainer.train(resume_from_checkpoint=True)."
+            ) from exc
         logprobs = [t.logprobs for t in trajectories]
         return RolloutResult(trajectories, stats, logprobs, time.perf_counter() - started)
+
+    def describe(self) -> str:
+        """The engine, as an error names it."""
+        if self.server:
+            return f"the vLLM server at {self.engine.base_url}"
+        return "ARPO's colocated vLLM engine"
+
+    def alive(self) -> bool:
+        """Whether the engine still answers: the colocated engine's core process is running (vLLM's own flag), the
+        server answers ``/health`` within 10 s. An engine without a health probe counts as alive."""
+        healthy = getattr(self.engine, "healthy", None)
+        try:
+            return True if healthy is None else bool(healthy(timeout=10.0))
+        except Exception:  # noqa: BLE001 - a failing probe is the answer
+            return False
 
     def close(self) -> None:
         if self.owned:
             self.engine.shutdown()
+
+
+class RolloutBackendError(RuntimeError):
+    """The backend's engine died or went silent during a rollout: the step cannot finish."""
 
 
 def build_backend(trainer: Any, use_vllm: bool, stop_strings: Sequence[str] | None,
@@ -357,6 +384,7 @@ def build_backend(trainer: Any, use_vllm: bool, stop_strings: Sequence[str] | No
 
 __all__ = [
     "RolloutBackend",
+    "RolloutBackendError",
     "RolloutParts",
     "RolloutResult",
     "TransformersBackend",

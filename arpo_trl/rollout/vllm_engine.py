@@ -364,6 +364,10 @@ class VLLMEngine:
         return engine
 
     # ------------------------------------------------------------------ the loop
+    def healthy(self, timeout: float = 10.0) -> bool:
+        """Whether the engine can still serve: started, not shut down, and its core process alive (vLLM's flag)."""
+        return self._engine is not None and not self._closed and not getattr(self._engine, "errored", False)
+
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` on the engine's loop and return its result (blocks the calling thread)."""
         return self._loop_thread.run(coro)

@@ -70,7 +70,8 @@ class VLLMServerEngine:
     Args:
         base_url: the server, e.g. ``http://10.0.0.2:8000``.
         temperature, top_p, top_k, min_p: the sampling settings of every request (``stream`` may override T).
-        connection_timeout: seconds to wait for the server to answer ``/health`` (0: one try).
+        connection_timeout: seconds to wait for the server to answer ``/health`` (0: one try); also how long (at
+            least 60 s) a stream may stay silent before the server is taken for gone.
         weight_sync: ``"nccl"``, ``"shared_file"``, ``"auto"`` (NCCL on CUDA, else the shared file for a server on
             this host; see the module docstring) or ``"none"`` (this client never pushes weights: the other ranks).
         group_port: the NCCL group's port (TRL's ``vllm_group_port``).
@@ -110,8 +111,9 @@ class VLLMServerEngine:
         self._loop_thread = LoopThread("arpo-vllm-server-loop", "VLLMServerEngine")
         self._nccl: Any = None
         try:
-            # No read timeout: a long generation streams for as long as it takes; connecting is bounded.
-            self._client = self.run(self._make_client(httpx))
+            # A generation streams for as long as it takes, but a server silent for `connection_timeout` seconds
+            # (no byte of any stream or answer) is taken for gone: the rollout ends with an error, never hangs.
+            self._client = self.run(self._make_client(httpx, connection_timeout))
             self._wait_for_server(connection_timeout)
             models = self.run(self._get("/v1/models"))["data"][0]
             self.model: str = models["id"]
@@ -126,9 +128,10 @@ class VLLMServerEngine:
             raise
 
     @staticmethod
-    async def _make_client(httpx: Any) -> Any:
+    async def _make_client(httpx: Any, silence: float) -> Any:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-        return httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30.0), limits=limits)
+        timeout = httpx.Timeout(None, connect=30.0, read=max(silence, 60.0))
+        return httpx.AsyncClient(timeout=timeout, limits=limits)
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` on the engine's own event loop, from any other thread, and return its result."""
@@ -159,6 +162,17 @@ class VLLMServerEngine:
                         f"vllm_server_host / vllm_server_port ({type(error).__name__}: {error})"
                     ) from None
             time.sleep(1.0)
+
+    def healthy(self, timeout: float = 10.0) -> bool:
+        """Whether the server answers ``/health`` within `timeout` seconds."""
+
+        async def probe() -> bool:
+            return (await self._client.get(self.base_url + "/health", timeout=timeout)).status_code == 200
+
+        try:
+            return not self._closed and self.run(probe())
+        except Exception:  # noqa: BLE001 - no answer is the answer
+            return False
 
     # ------------------------------------------------------------------ generation
     async def stream(

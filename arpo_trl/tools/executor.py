@@ -42,7 +42,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .base import (
@@ -52,7 +51,6 @@ from .base import (
     ToolCall,
     ToolOutput,
     ToolResult,
-    TransientToolError,
     clean_text,
     declared_output_limit,
     declared_time_limit,
@@ -60,70 +58,18 @@ from .base import (
     tool_name,
     tools_by_name,
 )
+from .limits import (
+    DEFAULT_MAX_RESPONSE_CHARS,
+    DEFAULT_TIMEOUT,
+    TRANSIENT_ERRORS,
+    ToolLimits,
+)
+from .main_thread import MainThreadServer
+from .result_text import describe, timeout_result, to_str, to_text, truncate
 
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
-
-#: Exceptions treated as transient (retried) by default.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (TransientToolError, ConnectionError, TimeoutError)
-#: The limits of a tool that declares none, when the executor is given none either.
-DEFAULT_TIMEOUT = 60.0
-DEFAULT_MAX_RESPONSE_CHARS = 4000
-#: How much longer than its own time limit the watchdog waits for a tool that limits itself.
-SELF_LIMIT_GRACE_S = 5.0
-
-
-@dataclass(frozen=True)
-class ToolLimits:
-    """The limits that apply to one tool's calls.
-
-    `mode`: where its calls run (`base.execution_mode`). `time_limit`: seconds a call may take (None: none of
-    ARPO's, a main-thread tool that declares none). `output_limit`: the longest answer (None: no cap). `own`: the
-    time limit is the tool's own (it stops itself; the watchdog waits `SELF_LIMIT_GRACE_S` longer).
-    """
-
-    mode: ExecutionMode
-    time_limit: float | None
-    output_limit: int | None
-    own: bool = False
-
-    @property
-    def watchdog(self) -> float | None:
-        """When the executor gives up waiting for a call (threads and async; None on the main thread)."""
-        if self.mode == "main_thread" or self.time_limit is None:
-            return None
-        return self.time_limit + (SELF_LIMIT_GRACE_S if self.own else 0.0)
-
-
-class _MainThreadServer:
-    """Calls handed to the serving thread by other threads (see `ToolExecutor.serve`)."""
-
-    def __init__(self) -> None:
-        self.thread = threading.current_thread()
-        self.jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future] | None] = queue.SimpleQueue()
-        self.open = True
-        self.lock = threading.Lock()
-
-    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        with self.lock:
-            if not self.open:
-                future.set_exception(RuntimeError("the main thread stopped serving tool calls"))
-                return future
-            self.jobs.put((fn, future))
-        return future
-
-    def close(self) -> None:
-        with self.lock:
-            self.open = False
-        while True:  # whatever was queued and never ran: its caller gets an error, not a hang
-            try:
-                job = self.jobs.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None:
-                job[1].set_exception(RuntimeError("the main thread stopped serving tool calls"))
 
 
 class ToolExecutor:
@@ -188,7 +134,7 @@ class ToolExecutor:
         self._cache_lock = threading.Lock()  # rounds may run from several threads at once
         self._abandoned: set[threading.Thread] = set()
         self._closed = False
-        self._server: _MainThreadServer | None = None
+        self._server: MainThreadServer | None = None
         self._server_lock = threading.Lock()
         self._loop = async_loop
         self._loop_lock = threading.Lock()
@@ -285,11 +231,11 @@ class ToolExecutor:
                 delay = self.retry_backoff * (2**attempt)
                 if transient and attempt < self.max_retries and time.monotonic() + delay < deadline:
                     attempt += 1
-                    logger.debug("tool %r failed transiently (%s); retry %d", call.name, _describe(exc), attempt)
+                    logger.debug("tool %r failed transiently (%s); retry %d", call.name, describe(exc), attempt)
                     time.sleep(delay)
                     continue
                 tries = f" after {attempt + 1} attempts" if attempt else ""
-                return ToolResult(f"Error: tool {call.name!r} failed{tries}: {_describe(exc)}", error=True)
+                return ToolResult(f"Error: tool {call.name!r} failed{tries}: {describe(exc)}", error=True)
 
     def _call_inline(self, call: ToolCall, tool: Tool) -> ToolResult:
         """One main-thread call, as TRL makes it: once, no time limit. A KeyboardInterrupt (Ctrl-C) propagates."""
@@ -299,7 +245,7 @@ class ToolExecutor:
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: BLE001 - a tool's failure is the model's information
-            result = ToolResult(f"Error: tool {call.name!r} failed: {_describe(exc)}", error=True)
+            result = ToolResult(f"Error: tool {call.name!r} failed: {describe(exc)}", error=True)
         return dataclasses.replace(result, duration_s=time.monotonic() - start)
 
     async def _call_async(self, call: ToolCall, tool: Tool, limits: ToolLimits) -> ToolResult:
@@ -316,7 +262,7 @@ class ToolExecutor:
                 result = self._to_result(call.name, out)
             except (asyncio.TimeoutError, TimeoutError) as exc:
                 if loop.time() >= deadline:
-                    result = _timed_out(call.name, limits)
+                    result = timeout_result(call.name, limits)
                 else:  # the tool's own TimeoutError: transient, like any other
                     result = self._async_failure(call, exc, attempt, deadline, loop.time())
             except asyncio.CancelledError:  # the round gave up on this call (`_collect_async`)
@@ -336,12 +282,12 @@ class ToolExecutor:
         if isinstance(exc, self.retry_on) and attempt < self.max_retries and now + delay < deadline:
             return delay
         tries = f" after {attempt + 1} attempts" if attempt else ""
-        return ToolResult(f"Error: tool {call.name!r} failed{tries}: {_describe(exc)}", error=True)
+        return ToolResult(f"Error: tool {call.name!r} failed{tries}: {describe(exc)}", error=True)
 
     def _to_result(self, name: str, out: Any) -> ToolResult:
         error = bool(getattr(out, "error", False)) if isinstance(out, ToolOutput) else False
         timed_out = bool(getattr(out, "timed_out", False)) if isinstance(out, ToolOutput) else False
-        text = _to_text(out)
+        text = to_text(out)
         if not text.strip():
             text = (
                 f"Error: tool {name!r} failed without a message."
@@ -354,16 +300,16 @@ class ToolExecutor:
             if isinstance(out, list):
                 content = out
             else:
-                as_str = _to_str(out)
+                as_str = to_str(out)
                 content = None if as_str == text else clean_text(as_str)
         return ToolResult(clean_text(text), error=error or timed_out, timed_out=timed_out, content=content)
 
     def _cap(self, result: ToolResult, limit: int | None) -> ToolResult:
         """Cut the answer (and a string message content) to `limit` characters, with a note; a list stays whole."""
-        text = _truncate(result.text, limit)
+        text = truncate(result.text, limit)
         content = result.content
         if isinstance(content, str):
-            content = _truncate(content, limit)
+            content = truncate(content, limit)
         if text is result.text and content is result.content:
             return result
         return dataclasses.replace(result, text=text, content=content)
@@ -410,7 +356,7 @@ class ToolExecutor:
         with self._server_lock:
             if self._server is not None:  # already served (a nested call): the outer server runs the calls
                 return fn()
-            server = self._server = _MainThreadServer()
+            server = self._server = MainThreadServer()
         outcome: concurrent.futures.Future = concurrent.futures.Future()
 
         def target() -> None:
@@ -551,7 +497,7 @@ class ToolExecutor:
             raise
         except BaseException as exc:  # noqa: BLE001 - the main thread stopped serving (the rollout is ending)
             answers = [
-                ToolResult(f"Error: tool {calls[i].name!r} did not run: {_describe(exc)}", error=True) for i, _ in todo
+                ToolResult(f"Error: tool {calls[i].name!r} did not run: {describe(exc)}", error=True) for i, _ in todo
             ]
         for (i, _), res in zip(todo, answers, strict=True):
             results[i] = self._cap(res, limits[i].output_limit)
@@ -585,9 +531,9 @@ class ToolExecutor:
                 res = future.result(timeout=(limits[i].watchdog or self.timeout) + 30.0)
             except concurrent.futures.TimeoutError:
                 future.cancel()
-                res = _timed_out(calls[i].name, limits[i])
+                res = timeout_result(calls[i].name, limits[i])
             except BaseException as exc:  # noqa: BLE001 - defensive: _call_async never raises
-                res = ToolResult(f"Error: tool {calls[i].name!r} failed: {_describe(exc)}", error=True)
+                res = ToolResult(f"Error: tool {calls[i].name!r} failed: {describe(exc)}", error=True)
             results[i] = self._cap(res, limits[i].output_limit)
 
     def _schedule(
@@ -607,7 +553,7 @@ class ToolExecutor:
             try:
                 res = self._attempts(calls[i], targets[i], deadline)
             except BaseException as exc:  # noqa: BLE001 - defensive: _attempts never raises
-                res = ToolResult(f"Error: tool {calls[i].name!r} failed: {_describe(exc)}", error=True)
+                res = ToolResult(f"Error: tool {calls[i].name!r} failed: {describe(exc)}", error=True)
             done.put((i, res))
 
         while waiting or running:
@@ -633,7 +579,9 @@ class ToolExecutor:
                     if deadline <= now:
                         del running[j]
                         self._abandoned.add(thread)
-                        results[j] = dataclasses.replace(_timed_out(calls[j].name, limits[j]), duration_s=now - start)
+                        results[j] = dataclasses.replace(
+                            timeout_result(calls[j].name, limits[j]), duration_s=now - start
+                        )
                 self._reap_abandoned()
                 continue
             if i not in running:  # a late answer from an abandoned call: its slot is already given away
@@ -673,51 +621,5 @@ class ToolExecutor:
         return f"ToolExecutor(tools=[{names}], timeout={self.timeout:g}, max_workers={self.max_workers})"
 
 
-def _timed_out(name: str, limits: ToolLimits) -> ToolResult:
-    limit = limits.time_limit if limits.time_limit is not None else limits.watchdog
-    return ToolResult(f"Error: tool {name!r} timed out after {limit:g} s.", error=True, timed_out=True)
-
-
-def _truncate(text: str, limit: int | None) -> str:
-    if limit is None or len(text) <= limit:
-        return text
-    cut = len(text) - limit
-    return text[:limit] + f"\n... [output truncated: {cut} more characters]"
-
-
 async def _await(awaitable: Any) -> Any:
     return await awaitable
-
-
-def _describe(exc: BaseException) -> str:
-    """``Type: message`` for an exception, robust to hostile ``__str__`` and cut to a sane length."""
-    try:
-        msg = str(exc)
-    except BaseException:  # noqa: BLE001
-        msg = "<unprintable exception>"
-    text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
-    return clean_text(text if len(text) <= 1000 else text[:1000] + " …")
-
-
-def _to_str(out: Any) -> str:
-    """``str(out)``, as TRL's tool loop renders a non-list result; never raises."""
-    try:
-        return str(out)
-    except BaseException as exc:  # noqa: BLE001
-        return f"Error: the tool's output could not be converted to text ({_describe(exc)})."
-
-
-def _to_text(out: Any) -> str:
-    """A tool's return value as text (the tag format's result); never raises."""
-    if out is None:
-        return ""
-    if isinstance(out, str):
-        return str(out)
-    if isinstance(out, bytes | bytearray):
-        return bytes(out).decode("utf-8", errors="replace")
-    try:
-        if isinstance(out, dict | list):
-            return json.dumps(out, ensure_ascii=False, default=str)
-        return str(out)
-    except BaseException as exc:  # noqa: BLE001
-        return f"Error: the tool's output could not be converted to text ({_describe(exc)})."

@@ -21,7 +21,8 @@ from arpo_trl.tools import (
     declare_tool,
     execution_mode,
 )
-from arpo_trl.tools import executor as executor_module
+from arpo_trl.tools import limits as limits_module
+from arpo_trl.tools.limits import SELF_LIMIT_GRACE_S
 
 
 def echo(text: str) -> str:
@@ -460,7 +461,7 @@ def test_a_tools_own_limits_are_the_ones_that_apply():
 
     ex = ToolExecutor([long_job, short, thread_echo])  # the executor's own limits unset: 60 s and 4000 characters
     assert ex.limits("long_job") == ToolLimits("threads", 120.0, None, own=True)
-    assert ex.limits("long_job").watchdog == 120.0 + executor_module.SELF_LIMIT_GRACE_S
+    assert ex.limits("long_job").watchdog == 120.0 + SELF_LIMIT_GRACE_S
     assert ex.limits("short") == ToolLimits("main_thread", None, 100)
     assert ex.limits("thread_echo") == ToolLimits("threads", 60.0, 4000)
     big, small = ex.run([ToolCall("long_job", "10000"), ToolCall("short", "150")])
@@ -488,7 +489,7 @@ def test_executor_limits_that_would_cut_a_tool_short_of_its_own_are_refused():
 
 def test_a_tool_that_limits_itself_reports_its_own_timeout(monkeypatch):
     """A self-limited tool gets a grace beyond its limit to report it; past the grace, the watchdog answers."""
-    monkeypatch.setattr(executor_module, "SELF_LIMIT_GRACE_S", 0.4)
+    monkeypatch.setattr(limits_module, "SELF_LIMIT_GRACE_S", 0.4)
 
     @declare_tool(thread_safe=True, time_limit=0.3)
     def bounded(mode: str) -> str:
@@ -599,7 +600,7 @@ def test_the_paper_recipes_limits_reach_the_python_tool(recipe, tmp_path, monkey
     assert [t.name for t in tools] == ["python", "search"]
     assert ex.limits("python") == ToolLimits("threads", 120.0, None, own=True)
     assert tools[0].limits.wall_s == 120.0  # the sandbox stops the program at 120 s
-    assert ex.limits("python").watchdog == 120.0 + executor_module.SELF_LIMIT_GRACE_S
+    assert ex.limits("python").watchdog == 120.0 + SELF_LIMIT_GRACE_S
     assert ex.limits("search").output_limit == tools[1].output_limit >= 10 * 1000  # ten pages of 1,000 whole
     res = ex.run([ToolCall("python", "print('x' * 10_000)")])[0]
     assert not res.error and res.text == "x" * 10_000
@@ -613,7 +614,7 @@ def test_a_recipe_with_a_small_python_timeout_times_out_there(tmp_path, monkeypa
     t0 = time.monotonic()
     res = ex.run([ToolCall("python", "import time\nprint('started', flush=True)\ntime.sleep(30)")])[0]
     assert res.timed_out and res.text == "started\nError: execution timed out after 1 s; the program was stopped."
-    assert time.monotonic() - t0 < 1 + executor_module.SELF_LIMIT_GRACE_S
+    assert time.monotonic() - t0 < 1 + SELF_LIMIT_GRACE_S
 
 
 def test_a_recipe_whose_limits_contradict_fails_naming_both(tmp_path, monkeypatch):

@@ -3,14 +3,8 @@ CPU build), its logprobs and top-10 estimate against a transformers recompute, a
 that pushes its weights to the server after each step (the same-host ``shared_file`` transport; NCCL needs CUDA).
 """
 
-import contextlib
 import math
-import os
-import signal
-import socket
-import subprocess
 import threading
-import time
 
 import pytest
 import torch
@@ -20,63 +14,29 @@ from vllm_helpers import (
     Recording,
     cached_architectures,
     collect,
+    free_port,
     prompt_ids,
+    start_server,
+    stop_server,
     teacher_forced,
     vllm_args,
     wide_model,
 )
 
 from arpo_trl.rollout.entropy import truncated_entropy
-from arpo_trl.rollout.vllm_server import VLLMServerEngine, server_command
+from arpo_trl.rollout.vllm_server import VLLMServerEngine
 from arpo_trl.testing import calc_dataset, closeness_reward
 from arpo_trl.tools import PythonInterpreter
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
-    command = server_command(model_dir, port, enforce_eager=True, max_model_len=1024, block_size=32, seed=0,
-                             kv_cache_memory_bytes=2**28, max_logprobs=20, dtype="float32")  # fmt: skip
     # An empty vLLM cache, as on a fresh machine: the server inspects the architecture itself while it starts.
     cache_root = tmp_path_factory.mktemp("vllm-server-cache")
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", HF_HUB_OFFLINE="1", VLLM_CACHE_ROOT=str(cache_root))
-    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    with open(log, "wb") as out:
-        # Its own process group: the server's engine processes are killed with it, whatever happens.
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:  # until /health answers, the process dies or 5 minutes pass
-        try:
-            VLLMServerEngine(url, connection_timeout=0).shutdown()
-            break
-        except ConnectionError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                stop(process)
-                raise RuntimeError(f"the vLLM server did not start:\n{log.read_text()[-4000:]}") from None
-            time.sleep(2)
+    process, url = start_server(model_dir, free_port(), tmp_path_factory.mktemp("vllm-server"), cache_root)
     assert cached_architectures(cache_root) == ["LlamaForCausalLM"]  # the cold path ran
     yield url
-    stop(process)
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (it shuts its engine down), SIGKILL after 60 s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)  # whatever of the group is left
+    stop_server(process)
 
 
 def test_server_streams_logprobs_and_the_top_k_estimate_of_the_served_model(server, tokenizer, hf_model):

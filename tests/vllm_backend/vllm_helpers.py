@@ -2,7 +2,12 @@
 trainer's arguments, recording trainer and head-size-32 model (`vllm_args`, `Recording`, `wide_model`; the head-size
 re-layout, `widen_heads`, is in `arpo_trl.testing`)."""
 
+import contextlib
 import os
+import signal
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -127,3 +132,49 @@ def wide_model(tokenizer, tool_model_state):
     model = build_tiny_model(tokenizer)
     model.load_state_dict(tool_model_state)
     return widen_heads(model).train()
+
+
+# ------------------------------------------------------------------------ a `vllm serve` process on loopback
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir, port: int, workdir: Path, cache_root: Path) -> tuple[subprocess.Popen, str]:
+    """A real `vllm serve` of `model_dir` on 127.0.0.1:`port` (its log in `workdir`, its vLLM cache `cache_root`),
+    once `/health` answers; its own process group, so its engine processes go with it."""
+    from arpo_trl.rollout.vllm_server import VLLMServerEngine, server_command
+
+    log = workdir / f"server-{port}-{time.monotonic_ns()}.log"
+    command = server_command(model_dir, port, enforce_eager=True, max_model_len=1024, block_size=32, seed=0,
+                             kv_cache_memory_bytes=2**28, max_logprobs=20, dtype="float32")  # fmt: skip
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", HF_HUB_OFFLINE="1", VLLM_CACHE_ROOT=str(cache_root))
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:  # until /health answers, the process dies or 5 minutes pass
+        try:
+            VLLMServerEngine(url, connection_timeout=0).shutdown()
+            return process, url
+        except ConnectionError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                stop_server(process)
+                raise RuntimeError(f"the vLLM server did not start:\n{log.read_text()[-4000:]}") from None
+            time.sleep(2)
+
+
+def stop_server(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """`sig` to the server's process group (SIGTERM: it shuts its engine down), SIGKILL after 60 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # whatever of the group is left
