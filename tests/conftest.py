@@ -39,16 +39,19 @@ def _check_fresh_caches() -> None:
 _check_fresh_caches()
 
 
-@pytest.fixture(autouse=True)
-def observed_rollouts(monkeypatch):
-    """Every `ARPOTrainer` of a test keeps the rollout it last scored (`trainer.observed_rollout`, its mode in
-    `trainer.observed_mode`), through the trainer's `on_rollout` seam: the library itself keeps nothing."""
+@pytest.fixture(scope="session", autouse=True)
+def observed_rollouts():
+    """Every `ARPOTrainer` of the session (module and session fixtures' included) keeps the rollout it last scored
+    (`trainer.observed_rollout`, its mode in `trainer.observed_mode`), through the trainer's `on_rollout` seam: the
+    library itself keeps nothing."""
     from arpo_trl import ARPOTrainer
 
     def on_rollout(self, mode, result):
         self.observed_rollout, self.observed_mode = result, mode
 
-    monkeypatch.setattr(ARPOTrainer, "on_rollout", on_rollout)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ARPOTrainer, "on_rollout", on_rollout)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -81,8 +81,9 @@ def main(output_dir: str, extra: list[str]) -> None:
     report = {
         "rank": rank,
         "world": trainer.accelerator.num_processes,
-        "generate_calls": trainer.rollout_backend.generator.calls,
-        "idle_calls": trainer.rollout_backend.generator.idle_calls,
+        # The transformers backend's generate calls (the vLLM one streams per trajectory: no collective calls).
+        "generate_calls": getattr(getattr(trainer.rollout_backend, "generator", None), "calls", None),
+        "idle_calls": getattr(getattr(trainer.rollout_backend, "generator", None), "idle_calls", None),
         "rounds": trainer.rounds,
         "branches": trainer.branches,
         "global_step": trainer.state.global_step,
