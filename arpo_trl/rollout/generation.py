@@ -112,7 +112,7 @@ class TrainerModel:
     def generating(self) -> Iterator[Any]:
         """The unwrapped model, parameters gathered where sharded, gradients off."""
         t = self.trainer
-        # Copied from trl/trainer/grpo_trainer.py:1856-1871 (GRPOTrainer._generate_single_turn, transformers path):
+        # As TRL 1.16's GRPOTrainer._generate_single_turn (its transformers path) unwraps the model for generation:
         # that method offers no hook for stopping criteria, per-call budgets or the LM-head entropy hook.
         with (
             unwrap_model_for_generation(
