@@ -67,7 +67,7 @@ TEST_PATHS = $(if $(filter tests%,$(TEST_ARGS)),,tests)
 test: install
 	@set -e; root=$$(mktemp -d "$${TMPDIR:-/tmp}/arpo-test-caches.XXXXXX"); trap 'rm -rf "$$root"' EXIT; \
 	trap 'exit 130' INT TERM; $(TEST_ENV); echo "caches of this run: $$root (empty; removed afterwards)"; \
-	ARPO_FRESH_CACHES=1 $(PY) -m pytest -q $(TEST_ARGS) $(TEST_PATHS)
+	ARPO_FRESH_CACHES=1 $(PY) -m pytest -q --durations=25 $(TEST_ARGS) $(TEST_PATHS)
 
 test-fast: install
 	@$(MAKE) --no-print-directory test TEST_ARGS='-m "not slow" $(TEST_ARGS)'

@@ -35,12 +35,10 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import inspect
-import json
 import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -65,6 +63,7 @@ from .limits import (
     ToolLimits,
 )
 from .main_thread import MainThreadServer
+from .result_cache import ResultCache
 from .result_text import describe, timeout_result, to_str, to_text, truncate
 
 T = TypeVar("T")
@@ -130,8 +129,7 @@ class ToolExecutor:
         self.retry_on = tuple(retry_on)
         self.cache_size = cache_size
         self.empty_output_text = empty_output_text
-        self._cache: OrderedDict[tuple[str, str], ToolResult] = OrderedDict()
-        self._cache_lock = threading.Lock()  # rounds may run from several threads at once
+        self._cache = ResultCache(cache_size)
         self._abandoned: set[threading.Thread] = set()
         self._closed = False
         self._server: MainThreadServer | None = None
@@ -314,36 +312,6 @@ class ToolExecutor:
             return result
         return dataclasses.replace(result, text=text, content=content)
 
-    # -- cache ------------------------------------------------------------------------------------------------
-
-    def _cache_key(self, call: ToolCall) -> tuple[str, str] | None:
-        if not self.cache_size or getattr(self.tools[call.name], "cacheable", True) is False:
-            return None
-        args = call.arguments
-        try:
-            key = args if isinstance(args, str) else json.dumps(args, sort_keys=True, default=repr)
-        except (TypeError, ValueError, RecursionError):
-            return None
-        return call.name, key
-
-    def _cache_put(self, key: tuple[str, str] | None, result: ToolResult) -> None:
-        if key is None or result.error:
-            return
-        with self._cache_lock:
-            self._cache[key] = result
-            self._cache.move_to_end(key)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-
-    def _cache_get(self, key: tuple[str, str] | None) -> ToolResult | None:
-        if key is None:
-            return None
-        with self._cache_lock:
-            result = self._cache.get(key)
-            if result is not None:
-                self._cache.move_to_end(key)
-            return result
-
     # -- the main thread --------------------------------------------------------------------------------------
 
     def serve(self, fn: Callable[[], T]) -> T:
@@ -357,33 +325,11 @@ class ToolExecutor:
             if self._server is not None:  # already served (a nested call): the outer server runs the calls
                 return fn()
             server = self._server = MainThreadServer()
-        outcome: concurrent.futures.Future = concurrent.futures.Future()
-
-        def target() -> None:
-            try:
-                outcome.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 - handed to the serving thread, which raises it
-                outcome.set_exception(exc)
-            finally:
-                server.jobs.put(None)  # wake the server: done
-
         try:
-            threading.Thread(target=target, name="arpo-rollout", daemon=True).start()
-            while (job := server.jobs.get()) is not None:
-                work, future = job
-                if not future.set_running_or_notify_cancel():
-                    continue
-                try:
-                    future.set_result(work())
-                except BaseException as exc:
-                    future.set_exception(exc)
-                    if isinstance(exc, KeyboardInterrupt):
-                        raise
+            return server.serve_while(fn)
         finally:
             with self._server_lock:
                 self._server = None
-            server.close()
-        return outcome.result()
 
     def _on_main_thread(self, fn: Callable[[], T]) -> T:
         """`fn()` on the serving thread when one serves and this is another thread; else here, inline."""
@@ -444,8 +390,8 @@ class ToolExecutor:
                     results[i] = ToolResult(f"Error: {exc}", error=True)
                     continue
                 targets[i] = tools[call.name]
-                key = self._cache_key(call) if bound is None else None
-                cached = self._cache_get(key)
+                key = self._cache.key(call, targets[i]) if bound is None else None
+                cached = self._cache.get(key)
                 if cached is not None:
                     results[i] = dataclasses.replace(cached, cached=True, duration_s=0.0)
                 else:
@@ -471,7 +417,7 @@ class ToolExecutor:
         self._collect_async(calls, limits, pending, results)
         keys = dict(item for items in todo.values() for item in items)
         for i, key in keys.items():
-            self._cache_put(key, results[i])  # type: ignore[arg-type]
+            self._cache.put(key, results[i])  # type: ignore[arg-type]
         failed = [r for r in results if r is not None and r.error]
         if failed:
             self.last_error = failed[-1].text

@@ -29,6 +29,35 @@ class MainThreadServer:
             self.jobs.put((fn, future))
         return future
 
+    def serve_while(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on a helper thread while this (the serving) thread runs the calls handed to it; return what `fn`
+        returns or raise what it raises. A KeyboardInterrupt in a call (Ctrl-C) stops serving and propagates."""
+        outcome: concurrent.futures.Future = concurrent.futures.Future()
+
+        def target() -> None:
+            try:
+                outcome.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the serving thread, which raises it
+                outcome.set_exception(exc)
+            finally:
+                self.jobs.put(None)  # wake the server: done
+
+        try:
+            threading.Thread(target=target, name="arpo-rollout", daemon=True).start()
+            while (job := self.jobs.get()) is not None:
+                work, future = job
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    future.set_result(work())
+                except BaseException as exc:
+                    future.set_exception(exc)
+                    if isinstance(exc, KeyboardInterrupt):
+                        raise
+        finally:
+            self.close()
+        return outcome.result()
+
     def close(self) -> None:
         with self.lock:
             self.open = False
