@@ -125,6 +125,7 @@ def make_trainer(opts, n: int, use_vllm: bool, prompts: int):
         vllm_mode="colocate",
         log_level="error",
         disable_tqdm=True,
+        rollout_fill=opts.rollout_fill,
     )
     transformers.set_seed(opts.seed)
     dataset = Dataset.from_list([{"prompt": p} for p in prompt_list])
@@ -364,6 +365,7 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--beta", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rollout-fill", default="fresh", choices=("fresh", "speculative"), help="ARPOConfig.rollout_fill")
     p.add_argument("--child-timeout", type=int, default=1800)
     p.add_argument("--out", default=str(HERE / "results" / "rollout-time"))
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)

@@ -247,6 +247,17 @@ def _scratch_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
+def chunked_prefill_default() -> bool | None:
+    """False on vLLM's CPU build, else None (vLLM's own default). The CPU build cannot split a seeded request's
+    prompt across engine steps: vLLM rewinds that request's random generator when it discards a partial prefill's
+    token, and a CPU generator has no offset to rewind, so the engine dies ("CPU Generator does not use offset")
+    as soon as a rollout's prompts need more tokens than one step takes (2,048 by default; 16 prompts × M = 8 do).
+    Without chunking, vLLM schedules whole prompts and raises the step's budget to the model length."""
+    from vllm.platforms import current_platform
+
+    return False if current_platform.is_cpu() else None
+
+
 class VLLMEngine:
     """A vLLM `AsyncLLM` engine on a private event loop (see the module docstring).
 
@@ -320,6 +331,7 @@ class VLLMEngine:
         if kv_cache_gib is not None:
             args["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         args.update(engine_kwargs)
+        args.setdefault("enable_chunked_prefill", chunked_prefill_default())
         start = time.perf_counter()
         env: dict[str, str | None] = {
             # The engine is created from a thread of a process that may already run torch's thread pools: forking

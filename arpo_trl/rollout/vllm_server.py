@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 import torch
 
 from .loop_thread import LoopThread
-from .vllm_engine import StreamUpdate
+from .vllm_engine import StreamUpdate, chunked_prefill_default
 
 T = TypeVar("T")
 
@@ -54,6 +54,8 @@ def server_command(model: str, port: int, **flags: Any) -> list[str]:
                "--port", str(port), "--logprobs-mode", "processed_logprobs", "--enable-prefix-caching",
                "--enable-prompt-tokens-details",
                "--worker-extension-cls", "arpo_trl.rollout.vllm_worker.WeightSyncExtension"]  # fmt: skip
+    if "enable_chunked_prefill" not in flags and chunked_prefill_default() is False:
+        command.append("--no-enable-chunked-prefill")  # see `chunked_prefill_default`
     for name, value in flags.items():
         flag = "--" + name.replace("_", "-")
         if value is True:

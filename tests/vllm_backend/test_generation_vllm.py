@@ -92,3 +92,23 @@ def test_prefix_cache_serves_a_shared_prefix(engine, tokenizer):
     assert full_blocks >= 2 * bs
     assert first.cached < full_blocks
     assert second.cached >= full_blocks
+
+
+def test_seeded_requests_beyond_one_steps_token_budget_all_finish_and_repeat(engine):
+    """Many seeded requests at once (a throughput-bound rollout: 16 prompts × M = 8 did this) need more prefill
+    tokens than one engine step takes. vLLM's CPU build cannot split a seeded request's prompt across steps (it
+    rewinds the request's generator, which a CPU generator refuses, and the engine dies), so a CPU engine must
+    schedule whole prompts; and what each request samples must not depend on how the batch was split."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, 40000, (120,), generator=g).tolist() for _ in range(40)]  # 4,800 prompt tokens
+
+    async def run(tag):
+        return await asyncio.gather(
+            *(collect(engine, f"budget-{tag}-{i}", p, 4, seed=1000 + i) for i, p in enumerate(prompts))
+        )
+
+    first = engine.run(run("a"))
+    engine.reset_prefix_cache()
+    alone = [engine.run(collect(engine, f"budget-alone-{i}", prompts[i], 4, seed=1000 + i)) for i in (0, 39)]
+    assert len(first) == 40 and sum(len(r.ids) for r in first) > 40  # every stream finished (collect checks)
+    assert [first[0].ids, first[39].ids] == [a.ids for a in alone]
