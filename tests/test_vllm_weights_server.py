@@ -211,16 +211,21 @@ def test_autocast_mismatch_names_the_autocast_dtype_only_over_float32_weights():
 
 
 def test_the_server_command_runs_vllms_openai_server_with_what_the_driver_needs_and_the_given_flags():
+    from arpo_trl.rollout.vllm_engine import chunked_prefill_default
     from arpo_trl.rollout.vllm_server import server_command
 
     command = server_command("/models/m", 8123, enforce_eager=True, max_model_len=512, trust_remote_code=False,
                              dtype=None)  # fmt: skip
+    # vLLM's CPU build cannot split a seeded prompt across steps: chunked prefill off there (chunked_prefill_default)
+    cpu = ["--no-enable-chunked-prefill"] if chunked_prefill_default() is False else []
     assert command == [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/m", "--host", "127.0.0.1",
         "--port", "8123", "--logprobs-mode", "processed_logprobs", "--enable-prefix-caching",
         "--enable-prompt-tokens-details", "--worker-extension-cls", "arpo_trl.rollout.vllm_worker.WeightSyncExtension",
-        "--enforce-eager", "--max-model-len", "512",
+        *cpu, "--enforce-eager", "--max-model-len", "512",
     ]  # fmt: skip
+    chosen = server_command("/models/m", 8123, enable_chunked_prefill=True)  # the user's choice wins
+    assert chosen[-1] == "--enable-chunked-prefill" and "--no-enable-chunked-prefill" not in chosen
 
 
 def test_a_server_chunk_becomes_a_stream_update_with_top_logprobs_by_token_id():
